@@ -1,0 +1,1 @@
+"""convlib: a JAX functional research library for convolutional networks."""
