@@ -1,0 +1,230 @@
+"""Max and average pooling with hand-derived backward passes.
+
+With window `K`, stride `s` and padding `(lo, hi)` per spatial dim, output `i`
+reads the padded input at `s i + k` for the window offsets `k`. The backward
+scatters each output's cotangent `G[i]` back to those positions, one window
+offset at a time (a strided `lax.pad` per offset), and crops the padding:
+
+    max:  dE/dX[s i + k] += G[i]          for the FIRST k (row-major) where X[s i + k] == Y[i]
+    avg:  dE/dX[s i + k] += G[i] / D[i]   for every k, D = the divisor of the forward
+
+Overlapping windows accumulate. Max-pool ties go to the first maximum in
+row-major window order (PyTorch's and XLA's rule). A window holding NaN
+outputs NaN (as in PyTorch) and its gradient goes to the first NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from convlib.ops.conv import BACKWARDS, _as_array
+from convlib.ops.geometry import Geometry, ceil_mode_padding, make_geometry
+
+
+def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC") -> Geometry:
+    """Validates pooling arguments; returns the :class:`Geometry` (ceil mode folded into the padding)."""
+    if not isinstance(layout, str) or layout.upper() not in ("NHWC", "NCHW"):
+        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+    if x.ndim not in (3, 4, 5):
+        raise ValueError(f"x must have rank 3, 4 or 5 (N, spatial..., C), got shape {x.shape}")
+    ndim, layout = x.ndim - 2, layout.upper()
+    in_spatial = x.shape[1:-1] if layout == "NHWC" else x.shape[2:]
+    geometry = make_geometry(
+        ndim, window, stride=window if stride is None else stride, padding=padding, layout=layout,
+        in_spatial=in_spatial,
+    )
+    for (lo, hi), k in zip(geometry.padding, geometry.kernel):
+        if not 0 <= lo <= k // 2 or not 0 <= hi <= k // 2:
+            raise ValueError(
+                f"padding must be between 0 and half the window {geometry.kernel}, got {padding!r}"
+            )
+    if ceil_mode:
+        pads = ceil_mode_padding(in_spatial, geometry.padding, geometry.kernel, geometry.stride)
+        geometry = dataclasses.replace(geometry, padding=pads)
+    return geometry
+
+
+def _full(geometry: Geometry, spatial_values, fill):
+    """Per-axis tuple for the whole array: `spatial_values` on the spatial axes, `fill` elsewhere."""
+    values = [fill] * (geometry.ndim + 2)
+    for axis, v in zip(geometry.spatial_axes, spatial_values):
+        values[axis] = v
+    return tuple(values)
+
+
+def _reduce(x, init, op, geometry: Geometry):
+    return lax.reduce_window(
+        x, init, op,
+        window_dimensions=_full(geometry, geometry.kernel, 1),
+        window_strides=_full(geometry, geometry.stride, 1),
+        padding=_full(geometry, geometry.padding, (0, 0)),
+    )
+
+
+def _window_views(geometry: Geometry, x_padded, out_spatial):
+    """Yields `(offset, view)`: the input each output reads at one window offset, row-major."""
+    for offset in itertools.product(*(range(k) for k in geometry.kernel)):
+        limit = [o + s * (n - 1) + 1 for o, s, n in zip(offset, geometry.stride, out_spatial)]
+        stop = tuple(x_padded.shape[a] if v is None else v for a, v in enumerate(_full(geometry, limit, None)))
+        yield offset, lax.slice(x_padded, _full(geometry, offset, 0), stop, _full(geometry, geometry.stride, 1))
+
+
+def _scatter_back(contribution, offset, geometry: Geometry, in_spatial):
+    """Places `contribution` (output-shaped) at the input positions `s i + offset`, cropping the padding."""
+    out_spatial = geometry.spatial_shape(contribution.shape)
+    config = _full(
+        geometry,
+        [
+            (k - lo, h + lo - k - s * (n - 1) - 1, s - 1)
+            for k, (lo, _), h, s, n in zip(offset, geometry.padding, in_spatial, geometry.stride, out_spatial)
+        ],
+        (0, 0, 0),
+    )
+    return lax.pad(contribution, jnp.zeros((), contribution.dtype), config)
+
+
+def _pad_value(x, geometry: Geometry, value):
+    return lax.pad(x, jnp.asarray(value, x.dtype), _full(geometry, [(lo, hi, 0) for lo, hi in geometry.padding], (0, 0, 0)))
+
+
+# --------------------------------------------------------------------------- max pool
+
+
+def _max_forward(x, geometry: Geometry):
+    return _reduce(x, -jnp.inf, lax.max, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _custom_max_pool(x, geometry: Geometry):
+    return _max_forward(x, geometry)
+
+
+def _custom_max_pool_fwd(x, geometry):
+    y = _max_forward(x, geometry)
+    return y, (x, y)
+
+
+def _custom_max_pool_bwd(geometry, residuals, g):
+    """Routes each output's cotangent to the first maximum of its window."""
+    x, y = residuals
+    dx = jnp.zeros_like(x)
+    if y.size == 0:
+        return (dx,)
+    x_padded = _pad_value(x, geometry, -jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    y_is_nan = jnp.isnan(y)
+    for offset, view in _window_views(geometry, x_padded, geometry.spatial_shape(y.shape)):
+        hit = ((view == y) | (jnp.isnan(view) & y_is_nan)) & ~taken
+        taken = taken | hit
+        dx = dx + _scatter_back(jnp.where(hit, g, 0), offset, geometry, geometry.spatial_shape(x.shape))
+    return (dx,)
+
+
+_custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
+
+
+def max_pool(x, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC", backward="custom"):
+    """Max pooling over 1, 2 or 3 spatial dims; padding counts as -inf.
+
+    Args:
+      x: (N, *spatial, C) for "NHWC" or (N, C, *spatial) for "NCHW".
+      window: int or one int per spatial dim. stride: defaults to window.
+      padding: int, per-dim ints or (lo, hi) pairs, each at most half the window, or "SAME"/"VALID".
+      ceil_mode: use `ceil` instead of `floor` for the output size (PyTorch's rule).
+      backward: "custom"/"textbook" (hand-derived) or "autodiff".
+    Returns:
+      (N, *out_spatial, C) or (N, C, *out_spatial).
+    """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    x = _as_array("x", x)
+    geometry = pool_geometry(x, window, stride, padding, ceil_mode=ceil_mode, layout=layout)
+    x = jnp.asarray(x)
+    if backward == "autodiff":
+        return _max_forward(x, geometry)
+    return _custom_max_pool(x, geometry)
+
+
+# --------------------------------------------------------------------------- average pool
+
+
+def avg_pool_divisor(geometry: Geometry, explicit_padding, in_spatial, count_include_pad: bool) -> np.ndarray:
+    """What each window sum is divided by, (*out_spatial,), computed from static shapes.
+
+    With `count_include_pad` the explicit padding counts but the ceil-mode
+    overhang (the rest of `geometry.padding`) does not, PyTorch's rule; without
+    it only real input positions count.
+    """
+    if count_include_pad:
+        counted = np.ones([h + lo + hi for h, (lo, hi) in zip(in_spatial, explicit_padding)], np.int64)
+        overhang = [(0, hi - hi_explicit) for (_, hi), (_, hi_explicit) in zip(geometry.padding, explicit_padding)]
+        counted = np.pad(counted, overhang)
+    else:
+        counted = np.pad(np.ones(in_spatial, np.int64), geometry.padding)
+    windows = np.lib.stride_tricks.sliding_window_view(counted, geometry.kernel)
+    windows = windows[tuple(slice(None, None, s) for s in geometry.stride)]
+    return windows.sum(axis=tuple(range(-geometry.ndim, 0)))
+
+
+def _avg_forward(x, geometry: Geometry, explicit_padding, count_include_pad: bool):
+    divisor = avg_pool_divisor(geometry, explicit_padding, geometry.spatial_shape(x.shape), count_include_pad)
+    return _reduce(x, 0.0, lax.add, geometry) / jnp.asarray(divisor.reshape(_full(geometry, divisor.shape, 1)), x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _custom_avg_pool(x, geometry: Geometry, explicit_padding, count_include_pad: bool, x_shape):
+    return _avg_forward(x, geometry, explicit_padding, count_include_pad)
+
+
+def _custom_avg_pool_fwd(x, geometry, explicit_padding, count_include_pad, x_shape):
+    return _avg_forward(x, geometry, explicit_padding, count_include_pad), None
+
+
+def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape, _, g):
+    """Spreads each output's cotangent evenly over its window: G / D to every position."""
+    in_spatial = geometry.spatial_shape(x_shape)
+    divisor = avg_pool_divisor(geometry, explicit_padding, in_spatial, count_include_pad)
+    share = g / jnp.asarray(divisor.reshape(_full(geometry, divisor.shape, 1)), g.dtype)
+    dx = jnp.zeros(x_shape, g.dtype)
+    if g.size == 0:
+        return (dx,)
+    for offset in itertools.product(*(range(k) for k in geometry.kernel)):
+        dx = dx + _scatter_back(share, offset, geometry, in_spatial)
+    return (dx,)
+
+
+_custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
+
+
+def avg_pool(
+    x, window, stride=None, padding=0, *, count_include_pad=True, ceil_mode=False, layout="NHWC",
+    backward="custom",
+):
+    """Average pooling over 1, 2 or 3 spatial dims (PyTorch's `avg_pool{1,2,3}d` semantics).
+
+    Args:
+      x: (N, *spatial, C) for "NHWC" or (N, C, *spatial) for "NCHW".
+      window: int or one int per spatial dim. stride: defaults to window.
+      padding: int, per-dim ints or (lo, hi) pairs, each at most half the window, or "SAME"/"VALID".
+      count_include_pad: whether zero padding counts in the divisor.
+      ceil_mode: use `ceil` instead of `floor` for the output size.
+      backward: "custom"/"textbook" (hand-derived) or "autodiff".
+    Returns:
+      (N, *out_spatial, C) or (N, C, *out_spatial).
+    """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    x = _as_array("x", x)
+    explicit = pool_geometry(x, window, stride, padding, layout=layout).padding
+    geometry = pool_geometry(x, window, stride, padding, ceil_mode=ceil_mode, layout=layout)
+    x, count_include_pad = jnp.asarray(x), bool(count_include_pad)
+    if backward == "autodiff":
+        return _avg_forward(x, geometry, explicit, count_include_pad)
+    return _custom_avg_pool(x, geometry, explicit, count_include_pad, tuple(x.shape))
