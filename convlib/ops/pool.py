@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jax import lax
 
 from convlib.ops.conv import BACKWARDS, _as_array
 from convlib.ops.geometry import Geometry, ceil_mode_padding, make_geometry
+from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
 
 def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC") -> Geometry:
@@ -51,47 +51,13 @@ def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout=
     return geometry
 
 
-def _full(geometry: Geometry, spatial_values, fill):
-    """Per-axis tuple for the whole array: `spatial_values` on the spatial axes, `fill` elsewhere."""
-    values = [fill] * (geometry.ndim + 2)
-    for axis, v in zip(geometry.spatial_axes, spatial_values):
-        values[axis] = v
-    return tuple(values)
-
-
 def _reduce(x, init, op, geometry: Geometry):
     return lax.reduce_window(
         x, init, op,
-        window_dimensions=_full(geometry, geometry.kernel, 1),
-        window_strides=_full(geometry, geometry.stride, 1),
-        padding=_full(geometry, geometry.padding, (0, 0)),
+        window_dimensions=full_rank(geometry, geometry.kernel, 1),
+        window_strides=full_rank(geometry, geometry.stride, 1),
+        padding=full_rank(geometry, geometry.padding, (0, 0)),
     )
-
-
-def _window_views(geometry: Geometry, x_padded, out_spatial):
-    """Yields `(offset, view)`: the input each output reads at one window offset, row-major."""
-    for offset in itertools.product(*(range(k) for k in geometry.kernel)):
-        limit = [o + s * (n - 1) + 1 for o, s, n in zip(offset, geometry.stride, out_spatial)]
-        stop = tuple(x_padded.shape[a] if v is None else v for a, v in enumerate(_full(geometry, limit, None)))
-        yield offset, lax.slice(x_padded, _full(geometry, offset, 0), stop, _full(geometry, geometry.stride, 1))
-
-
-def _scatter_back(contribution, offset, geometry: Geometry, in_spatial):
-    """Places `contribution` (output-shaped) at the input positions `s i + offset`, cropping the padding."""
-    out_spatial = geometry.spatial_shape(contribution.shape)
-    config = _full(
-        geometry,
-        [
-            (k - lo, h + lo - k - s * (n - 1) - 1, s - 1)
-            for k, (lo, _), h, s, n in zip(offset, geometry.padding, in_spatial, geometry.stride, out_spatial)
-        ],
-        (0, 0, 0),
-    )
-    return lax.pad(contribution, jnp.zeros((), contribution.dtype), config)
-
-
-def _pad_value(x, geometry: Geometry, value):
-    return lax.pad(x, jnp.asarray(value, x.dtype), _full(geometry, [(lo, hi, 0) for lo, hi in geometry.padding], (0, 0, 0)))
 
 
 # --------------------------------------------------------------------------- max pool
@@ -117,13 +83,14 @@ def _custom_max_pool_bwd(geometry, residuals, g):
     dx = jnp.zeros_like(x)
     if y.size == 0:
         return (dx,)
-    x_padded = _pad_value(x, geometry, -jnp.inf)
+    x_padded = pad_spatial(x, geometry, -jnp.inf)
     taken = jnp.zeros(y.shape, bool)
     y_is_nan = jnp.isnan(y)
-    for offset, view in _window_views(geometry, x_padded, geometry.spatial_shape(y.shape)):
+    for offset in window_offsets(geometry):
+        view = window_view(x_padded, offset, geometry, geometry.spatial_shape(y.shape))
         hit = ((view == y) | (jnp.isnan(view) & y_is_nan)) & ~taken
         taken = taken | hit
-        dx = dx + _scatter_back(jnp.where(hit, g, 0), offset, geometry, geometry.spatial_shape(x.shape))
+        dx = dx + scatter_back(jnp.where(hit, g, 0), offset, geometry, geometry.spatial_shape(x.shape))
     return (dx,)
 
 
@@ -175,7 +142,7 @@ def avg_pool_divisor(geometry: Geometry, explicit_padding, in_spatial, count_inc
 
 def _avg_forward(x, geometry: Geometry, explicit_padding, count_include_pad: bool):
     divisor = avg_pool_divisor(geometry, explicit_padding, geometry.spatial_shape(x.shape), count_include_pad)
-    return _reduce(x, 0.0, lax.add, geometry) / jnp.asarray(divisor.reshape(_full(geometry, divisor.shape, 1)), x.dtype)
+    return _reduce(x, 0.0, lax.add, geometry) / jnp.asarray(divisor.reshape(full_rank(geometry, divisor.shape, 1)), x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
@@ -191,12 +158,12 @@ def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape,
     """Spreads each output's cotangent evenly over its window: G / D to every position."""
     in_spatial = geometry.spatial_shape(x_shape)
     divisor = avg_pool_divisor(geometry, explicit_padding, in_spatial, count_include_pad)
-    share = g / jnp.asarray(divisor.reshape(_full(geometry, divisor.shape, 1)), g.dtype)
+    share = g / jnp.asarray(divisor.reshape(full_rank(geometry, divisor.shape, 1)), g.dtype)
     dx = jnp.zeros(x_shape, g.dtype)
     if g.size == 0:
         return (dx,)
-    for offset in itertools.product(*(range(k) for k in geometry.kernel)):
-        dx = dx + _scatter_back(share, offset, geometry, in_spatial)
+    for offset in window_offsets(geometry):
+        dx = dx + scatter_back(share, offset, geometry, in_spatial)
     return (dx,)
 
 

@@ -1,0 +1,107 @@
+"""The lecture's three ways to compute a convolution, side by side.
+
+- `conv_loops`: explicit loops over output positions and kernel offsets
+  (NumPy, float64): slow, obvious, the test oracle.
+- `conv_im2col`: serialisation. Every receptive field is unrolled into a row
+  of one large patch matrix, (N * H_out * W_out, K * K * C_in / groups), and the
+  convolution becomes one matrix product per group with the kernel matrix.
+- `conv_lax`: `jax.lax.conv_general_dilated`, what `convlib.ops.conv` runs.
+
+All three take exactly the arguments of :func:`convlib.ops.conv` (except
+`backward`) and read the same :class:`~convlib.ops.geometry.Geometry`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from convlib.ops.conv import _as_array, _forward, conv_geometry, pad_input
+from convlib.ops.windows import pad_spatial, window_offsets, window_view
+
+
+def _prepare(x, w, b, kwargs):
+    """Validates like `conv`, applies the padding mode; returns (x, w, b, geometry)."""
+    x, w = _as_array("x", x), _as_array("w", w)
+    b = None if b is None else _as_array("b", b)
+    geometry = conv_geometry(x, w, b, **kwargs)
+    x, geometry = pad_input(jnp.asarray(x), geometry)
+    return x, w, b, geometry
+
+
+def _channels_first(a, layout: str, kernel: bool = False):
+    """NHWC -> NCHW (or HWIO -> OIHW for a kernel); NCHW passes through."""
+    if layout == "NCHW":
+        return a
+    n = a.ndim - 2
+    return np.moveaxis(a, (n, n + 1), (1, 0)) if kernel else np.moveaxis(a, -1, 1)
+
+
+def conv_loops(x, w, b=None, **kwargs) -> np.ndarray:
+    """Cross-correlation by explicit loops, in float64 NumPy. Same arguments and layout as `conv`.
+
+    y[n, o, i] = b[o] + sum over kernel offsets k and the input channels c of o's group
+                 of x_pad[n, c, s i + d k] * w[o, c, k]
+    """
+    x, w, b, geometry = _prepare(x, w, b, kwargs)
+    x_pad = np.asarray(pad_spatial(jnp.asarray(x), geometry), np.float64)
+    x_pad = _channels_first(x_pad, geometry.layout)
+    w = _channels_first(np.asarray(w, np.float64), geometry.layout, kernel=True)
+    c_out, c_group = w.shape[:2]
+    o_group = c_out // geometry.groups
+    out_spatial = geometry.output_spatial(geometry.spatial_shape(x.shape))
+    y = np.zeros((x_pad.shape[0], c_out, *out_spatial))
+    for out_index in np.ndindex(*out_spatial):
+        for offset in np.ndindex(*geometry.kernel):
+            position = tuple(s * i + d * k for s, i, d, k in zip(geometry.stride, out_index, geometry.dilation, offset))
+            for group in range(geometry.groups):
+                inputs = x_pad[(slice(None), slice(group * c_group, (group + 1) * c_group)) + position]
+                weights = w[(slice(group * o_group, (group + 1) * o_group), slice(None)) + offset]
+                y[(slice(None), slice(group * o_group, (group + 1) * o_group)) + out_index] += inputs @ weights.T
+    if b is not None:
+        y += np.asarray(b, np.float64).reshape((c_out,) + (1,) * geometry.ndim)
+    return y if geometry.layout == "NCHW" else np.moveaxis(y, 1, -1)
+
+
+def conv_im2col(x, w, b=None, **kwargs):
+    """Cross-correlation as one matrix product per group over the unrolled patches. Same arguments as `conv`.
+
+    patches: (N, *out, K..., C_in) gathered with one strided view per kernel offset;
+    per group: (N * prod(out), prod(K) * C_in/g) @ (prod(K) * C_in/g, C_out/g).
+    """
+    x, w, b, geometry = _prepare(x, w, b, kwargs)
+    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
+    x_pad = pad_spatial(jnp.asarray(x, dtype), geometry)
+    out_spatial = geometry.output_spatial(geometry.spatial_shape(x.shape))
+    views = [window_view(x_pad, offset, geometry, out_spatial) for offset in window_offsets(geometry)]
+    channel = geometry.channel_axis
+    patches = jnp.stack(views, axis=channel)  # (N, *out, prod(K), C) or (N, prod(K), C, *out)
+    if geometry.layout == "NCHW":
+        patches = jnp.moveaxis(patches, (1, 2), (-2, -1))
+    n, g = x.shape[0], geometry.groups
+    patches = patches.reshape(n, *out_spatial, len(views), g, -1)  # (..., prod(K), g, C/g)
+    kernel = jnp.asarray(w, dtype)
+    if geometry.layout == "NCHW":
+        kernel = jnp.moveaxis(kernel, (0, 1), (-1, -2))  # (*K, C/g, C_out)
+    kernel = kernel.reshape(len(views), kernel.shape[-2], g, -1)  # (prod(K), C/g, g, C_out/g)
+    y = jnp.einsum("...kgc,kcgo->...go", patches, kernel).reshape(n, *out_spatial, -1)
+    if b is not None:
+        y = y + jnp.asarray(b, dtype)
+    return y if geometry.layout == "NHWC" else jnp.moveaxis(y, -1, 1)
+
+
+def conv_lax(x, w, b=None, **kwargs):
+    """Cross-correlation with `lax.conv_general_dilated` (autodiff backward). Same arguments as `conv`."""
+    x, w, b, geometry = _prepare(x, w, b, kwargs)
+    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
+    return _forward(jnp.asarray(x, dtype), jnp.asarray(w, dtype), None if b is None else jnp.asarray(b, dtype), geometry)
+
+
+IMPLEMENTATIONS = {"loops": conv_loops, "im2col": conv_im2col, "lax": conv_lax}
+
+
+def conv_by(method: str, x, w, b=None, **kwargs):
+    """Cross-correlation computed the named way: "loops", "im2col" or "lax"."""
+    if method not in IMPLEMENTATIONS:
+        raise ValueError(f"method must be one of {tuple(IMPLEMENTATIONS)}, got {method!r}")
+    return IMPLEMENTATIONS[method](x, w, b, **kwargs)
