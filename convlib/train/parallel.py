@@ -1,0 +1,143 @@
+"""Data parallelism: one compiled train/eval step per mode, with the matching placement of state and batches.
+
+Modes (``PARALLEL_MODES``):
+
+- ``"none"``: ``jax.jit`` on the default device.
+- ``"pmap"``: ``jax.pmap`` over the devices; the state is replicated (stacked on a leading device axis), each batch
+  is split into per-device batches ``(D, B / D, ...)``; gradients, BatchNorm batch statistics (``axis_name``) and
+  metrics are averaged with ``lax.pmean`` over the axis ``"data"``.
+- ``"sharding"``: ``jax.jit`` with ``NamedSharding`` over a 1-D ``("data",)`` mesh: the batch is sharded on axis 0,
+  the state replicated; XLA inserts the collectives, and BatchNorm statistics are those of the global batch.
+- ``"shard_map"``: ``jax.jit(jax.shard_map(...))`` over the same mesh with the explicit collectives of ``"pmap"``.
+
+All modes compute the same update as ``"none"`` on the global batch (up to float reassociation); dropout masks and
+augmentation differ under ``"pmap"``/``"shard_map"``, where each device draws its own.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from convlib.train.state import TrainState
+
+PARALLEL_MODES = ("none", "pmap", "sharding", "shard_map")
+AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """A compiled step pair for one mode, and how to move state and batches to and from its devices.
+
+    train_step: ``(placed state, placed batch) -> (placed state, metrics)``;
+    eval_step: ``(placed state, placed batch) -> sums``; see ``convlib.train.steps``.
+    """
+
+    mode: str
+    num_devices: int
+    train_step: Callable
+    eval_step: Callable
+    put_state: Callable[[TrainState], TrainState]
+    get_state: Callable[[TrainState], TrainState]
+    _put_batch: Callable[[dict], dict]
+    _to_host: Callable
+
+    def put_batch(self, batch: dict) -> dict:
+        """Places a global batch ``{"image": (B, ...), "label": (B,), ...}``; ``B`` must divide by the device count."""
+        size = batch["label"].shape[0]
+        if size % self.num_devices:
+            raise ValueError(
+                f"batch size {size} is not divisible by the number of devices {self.num_devices} (parallel={self.mode!r})"
+            )
+        return self._put_batch(batch)
+
+    def host_metrics(self, metrics: dict) -> dict[str, float]:
+        """Device metrics (scalars, or per-device copies under pmap) -> Python floats; waits for the step."""
+        return {name: float(value) for name, value in self._to_host(jax.device_get(metrics)).items()}
+
+
+def _first_copy(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _replicate(tree, n: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
+
+
+def _split_batch(batch: dict, n: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def data_parallel(
+    mode: str,
+    make_train_step: Callable[[str | None], Callable],
+    make_eval_step: Callable[[str | None], Callable],
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> DataParallel:
+    """Compiles the steps for ``mode``.
+
+    make_train_step / make_eval_step: ``axis_name -> step`` (``None`` for the modes without a named axis), e.g.
+    ``functools.partial(convlib.train.make_train_step, graphdef, tx, loss)`` taking ``axis_name=``.
+    devices: the devices to use (default: all); ``"none"`` uses the first.
+    """
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    identity = lambda x: x  # noqa: E731
+    if mode == "none":
+        device = devices[0]
+        put = lambda tree: jax.device_put(tree, device)  # noqa: E731
+        return DataParallel(
+            mode,
+            1,
+            jax.jit(make_train_step(None), donate_argnums=0),
+            jax.jit(make_eval_step(None)),
+            put,
+            identity,
+            put,
+            identity,
+        )
+    n = len(devices)
+    if mode == "pmap":
+        return DataParallel(
+            mode,
+            n,
+            jax.pmap(make_train_step(AXIS), axis_name=AXIS, devices=devices, donate_argnums=0),
+            jax.pmap(make_eval_step(AXIS), axis_name=AXIS, devices=devices),
+            lambda state: _replicate(state, n),
+            _first_copy,
+            lambda batch: _split_batch(batch, n),
+            _first_copy,
+        )
+    mesh = Mesh(np.asarray(devices), (AXIS,))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(AXIS))
+    if mode == "sharding":
+        train_step = jax.jit(
+            make_train_step(None),
+            in_shardings=(replicated, sharded),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+        eval_step = jax.jit(make_eval_step(None), in_shardings=(replicated, sharded), out_shardings=replicated)
+    else:
+        specs = {"in_specs": (PartitionSpec(), PartitionSpec(AXIS)), "mesh": mesh}
+        train_step = jax.jit(
+            jax.shard_map(make_train_step(AXIS), out_specs=(PartitionSpec(), PartitionSpec()), **specs),
+            donate_argnums=0,
+        )
+        eval_step = jax.jit(jax.shard_map(make_eval_step(AXIS), out_specs=PartitionSpec(), **specs))
+    return DataParallel(
+        mode,
+        n,
+        train_step,
+        eval_step,
+        lambda state: jax.device_put(state, replicated),
+        identity,
+        lambda batch: jax.device_put(batch, sharded),
+        identity,
+    )
