@@ -218,8 +218,9 @@ def fit(
             if eval_batches is not None:
                 result = evaluate(parallel, placed, eval_batches())
                 summary.update(test_loss=result["loss"], test_accuracy=result["accuracy"])
-                bar.write(f"epoch {epoch + 1}/{epochs}: train loss {summary['train_loss']:.4f}, "
-                          f"test accuracy {result['accuracy']:.4f}")
+                if progress:
+                    bar.write(f"epoch {epoch + 1}/{epochs}: train loss {summary['train_loss']:.4f}, "
+                              f"test accuracy {result['accuracy']:.4f}")
             records.append(summary)
             if checkpoints is not None and (due() or step == total):
                 save()

@@ -125,7 +125,9 @@ def data_parallel(
         )
         eval_step = jax.jit(make_eval_step(None), in_shardings=(replicated, sharded), out_shardings=replicated)
     else:
-        specs = {"in_specs": (PartitionSpec(), PartitionSpec(AXIS)), "mesh": mesh}
+        # check_vma=False: pmap's semantics, so one axis-named step serves both. (With check_vma=True, the gradient
+        # of a per-device loss w.r.t. replicated parameters comes back already summed over devices.)
+        specs = {"in_specs": (PartitionSpec(), PartitionSpec(AXIS)), "mesh": mesh, "check_vma": False}
         train_step = jax.jit(
             jax.shard_map(make_train_step(AXIS), out_specs=(PartitionSpec(), PartitionSpec()), **specs),
             donate_argnums=0,
