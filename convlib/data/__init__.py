@@ -1,0 +1,42 @@
+"""Datasets through TFDS (offline IDX builder) and the device-side input pipeline.
+
+Typical use::
+
+    images, labels = convlib.data.load("fashion_mnist", "train")   # uint8 (N,28,28,1), int32 (N,)
+    images = convlib.data.pad_images(jax.device_put(images), to=32)
+    for batch in convlib.data.batches(key, images, labels, 128, transform=crop):
+        ...  # batch["image"]: (128, 32, 32, 1) uint8, batch["label"]: (128,) int32
+"""
+
+from convlib.data.augment import (
+    MEAN_STD,
+    channel_stats,
+    normalize,
+    pad_images,
+    random_crop,
+    random_flip,
+)
+from convlib.data.datasets import IdxImages, default_data_dir, load, prepare
+from convlib.data.idx import read_idx, read_idx_split
+from convlib.data.pipeline import batches, pipeline_throughput
+from convlib.data.sources import IDX_SOURCES, apt_get_install, ensure_idx_files
+
+__all__ = [
+    "IDX_SOURCES",
+    "IdxImages",
+    "MEAN_STD",
+    "apt_get_install",
+    "batches",
+    "channel_stats",
+    "default_data_dir",
+    "ensure_idx_files",
+    "load",
+    "normalize",
+    "pad_images",
+    "pipeline_throughput",
+    "prepare",
+    "random_crop",
+    "random_flip",
+    "read_idx",
+    "read_idx_split",
+]

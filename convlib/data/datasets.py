@@ -1,0 +1,161 @@
+"""TFDS datasets from local MNIST-format IDX files, prepared and read without TensorFlow.
+
+``IdxImages`` is a ``tfds.core.GeneratorBasedBuilder`` writing ``array_record`` files with
+``Tensor`` features (no ``Image`` feature: encoding it needs TensorFlow). Its configs are
+``fashion_mnist`` and ``mnist``; the source folder with the four IDX files is TFDS's
+``manual_dir`` (``tfds.download.DownloadConfig(manual_dir=...)``, or ``tfds build
+--manual_dir``). Prepared data lives in ``<data_dir>/convlib_idx/<name>/1.0.0/``.
+
+``load`` is the entry point for training code: find the IDX files, prepare once, read back
+through the TFDS data source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from convlib.data import idx
+from convlib.data.sources import apt_get_install, ensure_idx_files
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+
+@dataclasses.dataclass(eq=False)
+class IdxConfig(tfds.core.BuilderConfig):
+    """A dataset stored as the four standard IDX files; images (H, W) grayscale."""
+
+    class_names: tuple[str, ...] = DIGIT_CLASSES
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+
+
+class IdxImages(tfds.core.GeneratorBasedBuilder):
+    """Grayscale image classification from the four standard IDX files in ``manual_dir``."""
+
+    name = "convlib_idx"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        IdxConfig(name="fashion_mnist", class_names=FASHION_MNIST_CLASSES,
+                  description="Fashion-MNIST (Xiao et al. 2017), 60k train / 10k test."),
+        IdxConfig(name="mnist", class_names=DIGIT_CLASSES,
+                  description="MNIST digits (LeCun et al. 1998), 60k train / 10k test."),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put the four IDX files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzip or not) in manual_dir."
+    )
+
+    def __init__(self, **kwargs):
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        config = self.builder_config
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=config.image_shape, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=list(config.class_names)),
+            }),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,  # keep the IDX files' order
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        # Read and validate every file before anything is written.
+        config = self.builder_config
+        arrays = {
+            split: idx.read_idx_split(dl_manager.manual_dir, split, len(config.class_names))
+            for split in idx.SPLIT_FILES
+        }
+        for split, (images, _) in arrays.items():
+            if images.shape[1:] != config.image_shape[:2]:
+                stem = idx.SPLIT_FILES[split][0]
+                raise ValueError(
+                    f"IDX file {idx.find_idx_file(dl_manager.manual_dir, stem)} has images of "
+                    f"shape {images.shape[1:]}, expected {config.image_shape[:2]} for {config.name}"
+                )
+        return {split: self._generate_examples(*arrays[split]) for split in arrays}
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            yield i, {"image": image[..., None], "label": int(label)}
+
+
+def default_data_dir() -> Path:
+    """``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``, read at call time."""
+    return Path(tfds.core.constants.get_default_data_dir()).expanduser()
+
+
+def prepare(
+    name: str = "fashion_mnist",
+    *,
+    data_dir: os.PathLike | str | None = None,
+    source_dir: os.PathLike | str | None = None,
+    apt_install: Callable[[str], bool] | None = apt_get_install,
+    download: bool = True,
+) -> IdxImages:
+    """Prepares ``convlib_idx/<name>`` under ``data_dir`` once; returns the builder.
+
+    Already prepared: nothing is read or written. Otherwise the IDX files come from
+    ``ensure_idx_files`` (``source_dir``, the Debian package, ``apt_install``, download).
+    TFDS writes into an ``incomplete.*`` folder and renames it when done, so a failure
+    leaves no prepared dataset behind.
+    """
+    if name not in _CONFIG_NAMES:
+        raise ValueError(f"name={name!r}: expected one of {sorted(_CONFIG_NAMES)}")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    builder = IdxImages(config=name, data_dir=data_dir)
+    if not builder.is_prepared():
+        folder = ensure_idx_files(
+            name, source_dir, apt_install=apt_install,
+            download_dir=data_dir / "downloads" if download else None,
+        )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=folder)
+        )
+    return builder
+
+
+def load(
+    name: str = "fashion_mnist",
+    split: str = "train",
+    *,
+    data_dir: os.PathLike | str | None = None,
+    source_dir: os.PathLike | str | None = None,
+    apt_install: Callable[[str], bool] | None = apt_get_install,
+    download: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads a whole split as NumPy arrays, preparing the TFDS dataset first if needed.
+
+    Args:
+      name: ``"fashion_mnist"`` or ``"mnist"``.
+      split: ``"train"`` or ``"test"``.
+      data_dir: TFDS data dir; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+      source_dir: folder with the four IDX files; default: see ``ensure_idx_files``.
+      apt_install: installs a Debian package (``None``: never run apt).
+      download: allow downloading the IDX files through TFDS's download manager.
+
+    Returns:
+      images uint8 (N, 28, 28, 1), labels int32 (N,), in the IDX files' order.
+    """
+    if split not in idx.SPLIT_FILES:
+        raise ValueError(f"split={split!r}: expected one of {sorted(idx.SPLIT_FILES)}")
+    builder = prepare(name, data_dir=data_dir, source_dir=source_dir,
+                      apt_install=apt_install, download=download)
+    source = builder.as_data_source(split=split)
+    examples = source.__getitems__(list(range(len(source))))
+    images = np.stack([e["image"] for e in examples])
+    labels = np.array([e["label"] for e in examples], dtype=np.int32)
+    return images, labels
+
+
+_CONFIG_NAMES = frozenset(c.name for c in IdxImages.BUILDER_CONFIGS)
