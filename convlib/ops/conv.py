@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.geometry import Geometry, int_tuple, make_geometry
 
 BACKWARDS = ("custom", "textbook", "autodiff")
@@ -225,14 +226,14 @@ def bias_gradient(g, geometry: Geometry):
 
 
 def _textbook_backward(geometry: Geometry, residuals, g):
-    x, w, has_bias = residuals
+    x, w, b = residuals
     dx = (
         jnp.zeros_like(x)
         if g.size == 0
         else input_gradient(g, w, geometry, geometry.spatial_shape(x.shape))
     )
     dw = weight_gradient(x, g, geometry, w.shape)
-    db = bias_gradient(g, geometry).astype(g.dtype) if has_bias else None
+    db = None if b is None else bias_gradient(g, geometry).astype(g.dtype)
     return dx, dw, db
 
 
@@ -242,11 +243,12 @@ def _custom_conv(x, w, b, geometry: Geometry):
 
 
 def _custom_conv_fwd(x, w, b, geometry):
-    return _forward(x, w, b, geometry), (x, w, b is not None)
+    return _forward(x, w, b, geometry), (x, w, b)
 
 
 def _custom_conv_bwd(geometry, residuals, g):
-    return _textbook_backward(geometry, residuals, g)
+    grads = _textbook_backward(geometry, residuals, g)
+    return jax.tree.map(sum_to_primal_axes, grads, residuals)
 
 
 _custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)

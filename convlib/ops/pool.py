@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from convlib.ops.conv import BACKWARDS, _as_array
+from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.geometry import Geometry, ceil_mode_padding, make_geometry
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
@@ -91,7 +92,7 @@ def _custom_max_pool_bwd(geometry, residuals, g):
         hit = ((view == y) | (jnp.isnan(view) & y_is_nan)) & ~taken
         taken = taken | hit
         dx = dx + scatter_back(jnp.where(hit, g, 0), offset, geometry, geometry.spatial_shape(x.shape))
-    return (dx,)
+    return (sum_to_primal_axes(dx, x),)
 
 
 _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
@@ -151,10 +152,11 @@ def _custom_avg_pool(x, geometry: Geometry, explicit_padding, count_include_pad:
 
 
 def _custom_avg_pool_fwd(x, geometry, explicit_padding, count_include_pad, x_shape):
-    return _avg_forward(x, geometry, explicit_padding, count_include_pad), None
+    # The backward needs only shapes; a zero-size slice of x carries its mesh-axis type.
+    return _avg_forward(x, geometry, explicit_padding, count_include_pad), x.reshape(-1)[:0]
 
 
-def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape, _, g):
+def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape, x_type, g):
     """Spreads each output's cotangent evenly over its window: G / D to every position."""
     in_spatial = geometry.spatial_shape(x_shape)
     divisor = avg_pool_divisor(geometry, explicit_padding, in_spatial, count_include_pad)
@@ -164,7 +166,7 @@ def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape,
         return (dx,)
     for offset in window_offsets(geometry):
         dx = dx + scatter_back(share, offset, geometry, in_spatial)
-    return (dx,)
+    return (sum_to_primal_axes(dx, x_type),)
 
 
 _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
