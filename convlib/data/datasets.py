@@ -114,7 +114,8 @@ def prepare(
         raise ValueError(f"name={name!r}: expected one of {sorted(_CONFIG_NAMES)}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     builder = IdxImages(config=name, data_dir=data_dir)
-    if not builder.is_prepared():
+    # The test download_and_prepare itself uses; TFDS renames the folder into place when done.
+    if not builder.data_path.exists():
         folder = ensure_idx_files(
             name, source_dir, apt_install=apt_install,
             download_dir=data_dir / "downloads" if download else None,

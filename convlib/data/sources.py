@@ -138,5 +138,5 @@ def ensure_idx_files(
         f"No IDX files for {name!r}: looked in {[str(c) for c in candidates]}, tried "
         f"{'; '.join(tried)}. To fix: {install}put the four files "
         f"{[f'{stem}.gz' for pair in idx.SPLIT_FILES.values() for stem in pair]} in a folder DIR "
-        f"and pass source_dir=DIR (--data-dir DIR)."
+        f"and pass source_dir=DIR."
     )
