@@ -208,6 +208,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert T.read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 6  # the bad step is logged
 
 
+def test_max_steps_ends_in_a_partial_epoch_with_a_final_checkpoint(tmp_path):
+    result = tiny_fit(str(tmp_path), epochs=3, max_steps=6, checkpoint_every=4)
+    assert [r["step"] for r in result.records if r["kind"] == "step"] == list(range(1, 7))
+    assert [(r["epoch"], r["step"]) for r in result.records if r["kind"] == "epoch"] == [(0, 4), (1, 6)]
+    assert sorted(T.Checkpoints(tmp_path / "ckpt").all_steps()) == [4, 6]
+
+
 def test_existing_checkpoint_without_resume_raises(tmp_path):
     tiny_fit(str(tmp_path), epochs=1)
     with pytest.raises(ValueError, match="resume=True"):

@@ -39,6 +39,11 @@ class Checkpoints:
         self._manager.reload()
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints kept on disk."""
+        self._manager.reload()
+        return list(self._manager.all_steps())
+
     def save(self, state: TrainState, meta: dict) -> None:
         """Writes ``state`` and the JSON-serialisable ``meta`` under step ``int(state.step)``; returns when on disk."""
         step = int(jax.device_get(state.step))

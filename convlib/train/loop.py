@@ -104,6 +104,7 @@ def fit(
     steps_per_epoch: int,
     epochs: int,
     key: jax.Array,
+    max_steps: int | None = None,
     loss: Loss = CROSS_ENTROPY,
     learning_rate: float | optax.Schedule | None = None,
     preprocess: Preprocess | None = None,
@@ -117,22 +118,38 @@ def fit(
     metrics_path: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> FitResult:
-    """Trains ``model`` for ``epochs`` x ``steps_per_epoch`` steps of ``tx``.
+    """Trains ``model`` for ``epochs`` x ``steps_per_epoch`` steps of ``tx``, or ``max_steps`` if fewer (the last
+    epoch is then partial). Returns a ``FitResult``; the model is updated in place.
 
-    epoch_batches: ``epoch -> iterable of {"image": (B, H, W, C), "label": (B,)}``; the first ``steps_per_epoch``
-    batches are used. Its order must depend only on (seed, epoch): a resumed run skips the batches already done.
-    key: typed PRNG key for augmentation (folded with the step). learning_rate: the schedule inside ``tx``, to log it.
-    preprocess / augment: device-side ``images -> images`` / ``(key, images) -> images`` inside the compiled steps.
-    eval_batches: ``() -> iterable of batches`` evaluated after every epoch. parallel: see
-    ``convlib.train.parallel``. checkpoint_dir: Orbax checkpoints, every ``checkpoint_every`` steps (0: only at the
-    end) and at the end; with ``resume`` a run continues from the newest one and reaches the same final state as an
-    uninterrupted run. metrics_path: JSON-lines log, rewritten atomically at every epoch end and checkpoint, of
-    ``{"kind": "step", "step", "epoch", "loss", "accuracy", "grad_norm", "learning_rate", "batch_size", "time_s"}``
-    and ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy", "images_per_s", "test_loss",
-    "test_accuracy"}`` records. Raises ``NonFiniteLossError`` when the loss or gradient norm stops being finite.
+    Args:
+      epoch_batches: ``epoch -> iterable of {"image": (B, H, W, C), "label": (B,)}``, at least ``steps_per_epoch``
+        batches. The order must depend only on (seed, epoch): a resumed run skips the batches already done.
+      key: typed PRNG key for augmentation, folded with the step number.
+      loss: the objective (``CROSS_ENTROPY`` or ``rbf(j)``).
+      learning_rate: the schedule given to ``tx``, to log it (optional).
+      preprocess: ``images -> images`` on device, in the train and eval steps (e.g. uint8 -> normalised float).
+      augment: ``(key, images) -> images`` on device, in the train step only.
+      eval_batches: ``() -> iterable of batches``, evaluated after every epoch (a ragged last batch is fine).
+      parallel: ``"none" | "pmap" | "sharding" | "shard_map"`` over ``devices`` (default all); see
+        ``convlib.train.parallel``.
+      checkpoint_dir: Orbax checkpoints, every ``checkpoint_every`` steps (0: none on the way) and at the end.
+        A folder that already holds one raises ``ValueError`` unless ``resume``: then the run continues from the
+        newest and reaches the same final state as an uninterrupted run.
+      metrics_path: JSON-lines log, rewritten atomically at every epoch end and checkpoint. Step records:
+        ``{"kind": "step", "step", "epoch", "loss", "accuracy", "grad_norm", "learning_rate", "batch_size",
+        "time_s", "images_per_s"}`` (time includes fetching the batch; a process's first step includes
+        compilation). Epoch records: ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy",
+        "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up to the checkpoint are read back,
+        so the log equals an uninterrupted run's, timings aside.
+      progress: show a tqdm progress bar and a line per epoch.
+
+    Raises:
+      NonFiniteLossError: the loss or gradient norm became NaN/inf (nothing is saved after the last good step).
+      ValueError: bad arguments, too few batches in an epoch, or a checkpoint that does not fit.
     """
     for name, value, low in (("steps_per_epoch", steps_per_epoch, 1), ("epochs", epochs, 1),
-                             ("checkpoint_every", checkpoint_every, 0)):
+                             ("checkpoint_every", checkpoint_every, 0),
+                             ("max_steps", epochs * steps_per_epoch if max_steps is None else max_steps, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     started = time.perf_counter()
@@ -162,7 +179,7 @@ def fit(
         devices=devices,
     )
     placed = parallel.put_state(state)
-    total = epochs * steps_per_epoch
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
 
     def write_log():
         if metrics_path is not None:
@@ -186,15 +203,18 @@ def fit(
     timed = []  # step records of this process after its first (compiling) step
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        for epoch in range(step // steps_per_epoch, epochs):
-            batches = itertools.islice(epoch_batches(epoch), step - epoch * steps_per_epoch, steps_per_epoch)
+        for epoch in range(step // steps_per_epoch, -(-total // steps_per_epoch)):
+            end = min(total, (epoch + 1) * steps_per_epoch)
+            first = epoch * steps_per_epoch
+            batches = itertools.islice(epoch_batches(epoch), step - first, end - first)
             tick = time.perf_counter()
             for batch in batches:
                 placed, metrics = parallel.train_step(placed, parallel.put_batch(batch))
                 metrics = parallel.host_metrics(metrics)
                 now = time.perf_counter()
-                record = {"kind": "step", "step": step + 1, "epoch": epoch, **metrics,
-                          "batch_size": int(batch["label"].shape[0]), "time_s": now - tick}
+                size = int(batch["label"].shape[0])
+                record = {"kind": "step", "step": step + 1, "epoch": epoch, **metrics, "batch_size": size,
+                          "time_s": now - tick, "images_per_s": size / (now - tick)}
                 records.append(record)
                 if step > first_step:
                     timed.append(record)
@@ -207,9 +227,9 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
                                 lr=f"{metrics['learning_rate']:.3g}", refresh=False)
-                if step % steps_per_epoch and due():
+                if step != end and due():
                     save()
-            if step != (epoch + 1) * steps_per_epoch:
+            if step != end:
                 raise ValueError(
                     f"epoch_batches({epoch}) yielded fewer batches than steps_per_epoch={steps_per_epoch}"
                 )
@@ -219,7 +239,7 @@ def fit(
                 result = evaluate(parallel, placed, eval_batches())
                 summary.update(test_loss=result["loss"], test_accuracy=result["accuracy"])
                 if progress:
-                    bar.write(f"epoch {epoch + 1}/{epochs}: train loss {summary['train_loss']:.4f}, "
+                    bar.write(f"epoch {epoch + 1}: train loss {summary['train_loss']:.4f}, "
                               f"test accuracy {result['accuracy']:.4f}")
             records.append(summary)
             if checkpoints is not None and (due() or step == total):
