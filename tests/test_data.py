@@ -14,8 +14,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from convlib import data
-from convlib.data import idx as idx_module
-from convlib.data import sources
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 STEMS = {
@@ -207,10 +205,10 @@ def test_failure_mid_generation_leaves_nothing(tmp_path, monkeypatch):
 def test_read_idx_reports_wrong_shape_header(tmp_path):
     path = tmp_path / "images-idx3"
     write_idx(path, np.zeros((2, 3, 4), np.uint8))
-    assert data.read_idx(path, idx_module.IMAGES_MAGIC).shape == (2, 3, 4)
+    assert data.read_idx(path, 0x00000803).shape == (2, 3, 4)
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ValueError, match=r"images-idx3 .*trailing data"):
-        data.read_idx(path, idx_module.IMAGES_MAGIC)
+        data.read_idx(path, 0x00000803)
 
 
 # --- finding the files ------------------------------------------------------------------------
@@ -218,7 +216,7 @@ def test_read_idx_reports_wrong_shape_header(tmp_path):
 
 def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, monkeypatch):
     debian_dir = tmp_path / "usr-share"
-    monkeypatch.setitem(sources.IDX_SOURCES, "fashion_mnist", sources.IdxSource(
+    monkeypatch.setitem(data.IDX_SOURCES, "fashion_mnist", data.IdxSource(
         url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir))
     installed = []
 

@@ -4,7 +4,8 @@ Typical use::
 
     images, labels = convlib.data.load("fashion_mnist", "train")   # uint8 (N,28,28,1), int32 (N,)
     images = convlib.data.pad_images(jax.device_put(images), to=32)
-    for batch in convlib.data.batches(key, images, labels, 128, transform=crop):
+    crop = functools.partial(convlib.data.random_crop, padding=4)   # built once, reused
+    for batch in convlib.data.batches(epoch_key, images, labels, 128, transform=crop):
         ...  # batch["image"]: (128, 32, 32, 1) uint8, batch["label"]: (128,) int32
 """
 
@@ -19,11 +20,12 @@ from convlib.data.augment import (
 from convlib.data.datasets import IdxImages, default_data_dir, load, prepare
 from convlib.data.idx import read_idx, read_idx_split
 from convlib.data.pipeline import batches, pipeline_throughput
-from convlib.data.sources import IDX_SOURCES, apt_get_install, ensure_idx_files
+from convlib.data.sources import IDX_SOURCES, IdxSource, apt_get_install, ensure_idx_files
 
 __all__ = [
     "IDX_SOURCES",
     "IdxImages",
+    "IdxSource",
     "MEAN_STD",
     "apt_get_install",
     "batches",
