@@ -162,6 +162,12 @@ def _label_out_of_range(folder):
     return path.name
 
 
+def _wrong_image_size(folder):
+    path = folder / f"{STEMS['train_images']}.gz"
+    write_idx(path, np.zeros((12, 28, 27), np.uint8))
+    return path.name
+
+
 def _missing(folder):
     path = folder / f"{STEMS['test_labels']}.gz"
     path.unlink()
@@ -169,7 +175,7 @@ def _missing(folder):
 
 
 @pytest.mark.parametrize("corrupt", [_wrong_magic, _truncated, _truncated_gzip, _count_mismatch,
-                                     _label_out_of_range, _missing])
+                                     _label_out_of_range, _wrong_image_size, _missing])
 def test_bad_idx_file_names_the_file_and_leaves_nothing(tmp_path, corrupt):
     src, data_dir = tmp_path / "src", tmp_path / "tfds"
     make_idx_folder(src)
