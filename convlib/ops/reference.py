@@ -78,13 +78,13 @@ def conv_im2col(x, w, b=None, **kwargs):
     patches = jnp.stack(views, axis=channel)  # (N, *out, prod(K), C) or (N, prod(K), C, *out)
     if geometry.layout == "NCHW":
         patches = jnp.moveaxis(patches, (1, 2), (-2, -1))
-    n, g = x.shape[0], geometry.groups
-    patches = patches.reshape(n, *out_spatial, len(views), g, -1)  # (..., prod(K), g, C/g)
+    n, g, c_in = x.shape[0], geometry.groups, x.shape[geometry.channel_axis]
+    patches = patches.reshape(n, *out_spatial, len(views), g, c_in // g)  # (..., prod(K), g, C/g)
     kernel = jnp.asarray(w, dtype)
     if geometry.layout == "NCHW":
         kernel = jnp.moveaxis(kernel, (0, 1), (-1, -2))  # (*K, C/g, C_out)
     kernel = kernel.reshape(len(views), kernel.shape[-2], g, -1)  # (prod(K), C/g, g, C_out/g)
-    y = jnp.einsum("...kgc,kcgo->...go", patches, kernel).reshape(n, *out_spatial, -1)
+    y = jnp.einsum("...kgc,kcgo->...go", patches, kernel).reshape(n, *out_spatial, g * kernel.shape[-1])
     if b is not None:
         y = y + jnp.asarray(b, dtype)
     return y if geometry.layout == "NHWC" else jnp.moveaxis(y, -1, 1)
