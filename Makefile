@@ -1,0 +1,35 @@
+# The two commands of the README: `make train` (the main job) and `make test` (the whole suite).
+# Each creates .venv and installs what it needs; nothing but Python 3.11+ is assumed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: train test setup dataset demo clean
+
+train: setup dataset
+	$(BIN)/python experiments/train.py
+
+test: setup dataset
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plot]"
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package when we may install it; otherwise convlib.data
+# falls back to TFDS's download manager or says exactly what to do.
+dataset:
+	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null \
+		|| echo "note: could not install dataset-fashion-mnist; convlib.data will try its fallbacks"; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
