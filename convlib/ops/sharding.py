@@ -5,7 +5,10 @@ from jax import lax
 
 
 def _varying_axes(a) -> frozenset:
-    return jax.typeof(a).manual_axis_type.varying
+    """The mesh axes `a` varies along inside `shard_map` (empty outside)."""
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; earlier releases call it `vma`
+    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
 
 
 def sum_to_primal_axes(cotangent, primal):
