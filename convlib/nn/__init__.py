@@ -1,0 +1,11 @@
+"""Flax NNX layers: thin wrappers over :mod:`convlib.ops`.
+
+Every conv and pool layer takes `backward` ("custom", "textbook" or "autodiff")
+and passes it to the op; `model.set_attributes(backward=...)` switches a whole model.
+"""
+
+from convlib.nn.conv import Conv, he_normal
+from convlib.nn.normalization import LocalResponseNorm
+from convlib.nn.pool import AvgPool, GlobalAvgPool, MaxPool
+
+__all__ = ["AvgPool", "Conv", "GlobalAvgPool", "LocalResponseNorm", "MaxPool", "he_normal"]

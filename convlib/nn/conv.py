@@ -1,0 +1,121 @@
+"""`Conv`: an NNX layer over :func:`convlib.ops.conv` for 1, 2 or 3 spatial dims."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convlib import ops
+from convlib.nn.validation import (
+    check_backward,
+    check_layout,
+    check_padding_string,
+    check_positive_int,
+    spatial_ndim,
+)
+
+
+def he_normal(layout: str):
+    """He et al. (2015) init for a kernel in the ops layout: truncated normal, variance 2 / fan_in.
+
+    fan_in = prod(K) * C_in / groups, read from the kernel's input-feature axis
+    and spatial axes: (*K, C_in/g, C_out) for "NHWC", (C_out, C_in/g, *K) for "NCHW".
+    """
+    in_axis, out_axis = (-2, -1) if layout == "NHWC" else (1, 0)
+    return jax.nn.initializers.he_normal(in_axis=in_axis, out_axis=out_axis)
+
+
+class Conv(nnx.Module):
+    """Convolution (cross-correlation) layer: y = ops.conv(x, kernel, bias, ...).
+
+    Shapes: x (N, *S, C_in) -> y (N, *S_out, C_out) for layout "NHWC"; (N, C_in, *S) ->
+    (N, C_out, *S_out) for "NCHW". The kernel is stored in the ops layout,
+    (*K, C_in/groups, C_out) or (C_out, C_in/groups, *K); the bias is (C_out,).
+
+    Args:
+      in_features, out_features: C_in and C_out.
+      kernel_size: int or a tuple with one int per spatial dim; a tuple fixes the
+        number of spatial dims, an int uses `ndim` (default 2).
+      stride, padding, dilation, groups, padding_mode, layout, backward: as in
+        :func:`convlib.ops.conv` (padding may be "SAME"/"VALID").
+      use_bias: add a learned bias.
+      dtype: compute dtype; x, kernel and bias are cast to it before the conv.
+        None: the promoted dtype of x and the parameters.
+      param_dtype: dtype the parameters are stored in.
+      kernel_init: `init(key, shape, dtype)`; default He normal (:func:`he_normal`).
+      bias_init: default zeros.
+      rngs: `nnx.Rngs` with a `params` (or `default`) stream.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size,
+        *,
+        ndim: int | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        use_bias: bool = True,
+        padding_mode: str = "zeros",
+        layout: str = "NHWC",
+        backward: str = "custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+        kernel_init=None,
+        bias_init=nnx.initializers.zeros,
+        rngs: nnx.Rngs,
+    ):
+        in_features = check_positive_int("in_features", in_features)
+        out_features = check_positive_int("out_features", out_features)
+        groups = check_positive_int("groups", groups)
+        if in_features % groups or out_features % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_features ({in_features}) and out_features ({out_features})"
+            )
+        self.layout = check_layout(layout)
+        self.backward = check_backward(backward)
+        self.ndim = spatial_ndim("kernel_size", kernel_size, ndim)
+        check_padding_string(padding)
+        geometry = ops.make_geometry(
+            self.ndim, kernel_size, stride=stride, padding=0 if isinstance(padding, str) else padding,
+            dilation=dilation, groups=groups, layout=self.layout, padding_mode=padding_mode,
+        )
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.kernel_size, self.stride, self.dilation = geometry.kernel, geometry.stride, geometry.dilation
+        self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
+        self.padding_mode = padding_mode
+        self.dtype, self.param_dtype = dtype, param_dtype
+
+        c_in = in_features // groups
+        shape = (
+            (*self.kernel_size, c_in, out_features)
+            if self.layout == "NHWC"
+            else (out_features, c_in, *self.kernel_size)
+        )
+        init = he_normal(self.layout) if kernel_init is None else kernel_init
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+
+    def geometry(self, in_spatial) -> ops.Geometry:
+        """The ops :class:`~convlib.ops.Geometry` of this layer for inputs of spatial shape `in_spatial`."""
+        return ops.make_geometry(
+            self.ndim, self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            groups=self.groups, layout=self.layout, padding_mode=self.padding_mode, in_spatial=tuple(in_spatial),
+        )
+
+    def output_spatial(self, in_spatial) -> tuple[int, ...]:
+        """Spatial output shape for inputs of spatial shape `in_spatial`."""
+        return self.geometry(in_spatial).output_spatial(in_spatial)
+
+    def __call__(self, x):
+        params = (self.kernel[...],) + (() if self.bias is None else (self.bias[...],))
+        dtype = self.dtype or jnp.result_type(x, *params)
+        x, *params = (jnp.asarray(a, dtype) for a in (x, *params))
+        return ops.conv(
+            x, *params, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            padding_mode=self.padding_mode, layout=self.layout, backward=self.backward,
+        )

@@ -1,0 +1,95 @@
+"""Pooling layers over :func:`convlib.ops.max_pool` and :func:`convlib.ops.avg_pool`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convlib import ops
+from convlib.nn.validation import check_backward, check_layout, check_padding_string, spatial_ndim
+
+
+class _Pool(nnx.Module):
+    """Window, stride and padding shared by the pools; subclasses name the op and its extra arguments."""
+
+    def __init__(self, window, stride, padding, *, ndim, ceil_mode, layout, backward):
+        self.layout = check_layout(layout)
+        self.backward = check_backward(backward)
+        self.ndim = spatial_ndim("window", window, ndim)
+        check_padding_string(padding)
+        geometry = ops.make_geometry(
+            self.ndim, window, stride=window if stride is None else stride,
+            padding=0 if isinstance(padding, str) else padding, layout=self.layout,
+        )
+        self.window, self.stride = geometry.kernel, geometry.stride
+        self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
+        self.ceil_mode = bool(ceil_mode)
+
+    def _pool(self, x):
+        raise NotImplementedError
+
+    def output_spatial(self, in_spatial) -> tuple[int, ...]:
+        """Spatial output shape for inputs of spatial shape `in_spatial` (traced abstractly, no compute)."""
+        shape = (1, *in_spatial, 1) if self.layout == "NHWC" else (1, 1, *in_spatial)
+        y = jax.eval_shape(self._pool, jax.ShapeDtypeStruct(shape, jnp.float32))
+        return tuple(y.shape[1:-1] if self.layout == "NHWC" else y.shape[2:])
+
+    def __call__(self, x):
+        return self._pool(x)
+
+
+class MaxPool(_Pool):
+    """Max pooling: x (N, *S, C) -> (N, *S_out, C) ("NHWC"; channels first for "NCHW").
+
+    Args as :func:`convlib.ops.max_pool`: window (int or tuple; an int uses `ndim`,
+    default 2), stride (default window), padding (-inf), ceil_mode, layout, backward.
+    """
+
+    def __init__(self, window, stride=None, padding=0, *, ndim=None, ceil_mode=False, layout="NHWC",
+                 backward="custom"):
+        super().__init__(window, stride, padding, ndim=ndim, ceil_mode=ceil_mode, layout=layout, backward=backward)
+
+    def _pool(self, x):
+        return ops.max_pool(
+            x, self.window, self.stride, self.padding, ceil_mode=self.ceil_mode, layout=self.layout,
+            backward=self.backward,
+        )
+
+
+class AvgPool(_Pool):
+    """Average pooling: x (N, *S, C) -> (N, *S_out, C) ("NHWC"; channels first for "NCHW").
+
+    Args as :func:`convlib.ops.avg_pool`: window, stride, padding, count_include_pad,
+    ceil_mode, layout, backward; an int window uses `ndim` (default 2).
+    """
+
+    def __init__(self, window, stride=None, padding=0, *, ndim=None, count_include_pad=True, ceil_mode=False,
+                 layout="NHWC", backward="custom"):
+        super().__init__(window, stride, padding, ndim=ndim, ceil_mode=ceil_mode, layout=layout, backward=backward)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _pool(self, x):
+        return ops.avg_pool(
+            x, self.window, self.stride, self.padding, count_include_pad=self.count_include_pad,
+            ceil_mode=self.ceil_mode, layout=self.layout, backward=self.backward,
+        )
+
+
+class GlobalAvgPool(nnx.Module):
+    """Mean over all spatial positions: x (N, *S, C) -> (N, C) ("NHWC"; (N, C, *S) for "NCHW").
+
+    One :func:`convlib.ops.avg_pool` whose window is the whole input, so the
+    `backward` switch reaches it like every other pool.
+    """
+
+    def __init__(self, *, layout="NHWC", backward="custom"):
+        self.layout = check_layout(layout)
+        self.backward = check_backward(backward)
+
+    def __call__(self, x):
+        spatial = x.shape[1:-1] if self.layout == "NHWC" else x.shape[2:]
+        y = ops.avg_pool(x, tuple(spatial), layout=self.layout, backward=self.backward)
+        return y.reshape(x.shape[0], -1)
