@@ -18,6 +18,11 @@ import sys
 import time
 
 
+# Per-model defaults of --model-option. The main job widens lenet5_modern's feature maps from LeNet-5's (6, 16) to
+# (16, 32): with (6, 16) this recipe ends at 0.900-0.910 test accuracy on Fashion-MNIST, with (16, 32) at 0.92.
+MODEL_DEFAULTS = {"lenet5_modern": {"channels": [16, 32]}}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default and keeps the description's line breaks."""
 
@@ -28,23 +33,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--model", default="lenet5_modern", help="model name in convlib.models (lenet5_modern, lenet5, resnet20, "
         "plain20, alexnet_small, vgg11_small)")
     add("--model-option", action="append", default=[], metavar="KEY=JSON",
-        help="extra keyword for convlib.models.create, value parsed as JSON (e.g. channels=[16,32], head=\"rbf\"); "
-             "repeatable")
-    add("--backward", choices=("custom", "autodiff"), default="custom",
-        help="gradients of conv and pool: the hand-derived custom_vjp backward, or JAX's autodiff")
+        help="extra keyword for convlib.models.create, value parsed as JSON (e.g. channels=[6,16], head=\"rbf\"); "
+             f"repeatable; overrides the per-model defaults {MODEL_DEFAULTS}")
+    add("--backward", choices=("custom", "textbook", "autodiff"), default="custom",
+        help="gradients of conv and pool: the hand-derived custom_vjp backward, its textbook variant, or JAX's "
+             "autodiff (see convlib.nn)")
     add("--dataset", choices=("fashion_mnist", "mnist"), default="fashion_mnist", help="dataset (28x28 grey)")
     add("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     add("--source-dir", default=None, help="folder with the four IDX files (default: the Debian package's folder, "
         "else a download)")
-    add("--input-size", type=int, default=28, help="image side the model reads: 28 (the model pads inside its "
-        "first conv) or 32 (images zero-padded to 32x32 beforehand)")
+    add("--input-size", type=int, default=32, help="image side fed to the model: the 28x28 images are zero-padded "
+        "(centred) to it; 32 suits every model's default, 28 needs --model-option input_size=28")
     add("--crop-padding", type=int, default=2, help="training augmentation: random crop after zero-padding by this "
         "many pixels per side (0: none)")
     add("--flip", action="store_true", help="training augmentation: random left-right flips")
     add("--batch-size", type=int, default=128, help="global batch size (divisible by the device count with "
         "--parallel)")
     add("--eval-batch-size", type=int, default=1000, help="test-set batch size")
-    add("--epochs", type=int, default=15, help="training epochs")
+    add("--epochs", type=int, default=12, help="training epochs")
     add("--steps", type=int, default=None, help="stop after this many steps instead (the schedule spans them)")
     add("--optimizer", choices=("sgd", "nesterov", "adam", "adamw"), default="adamw",
         help="sgd/nesterov: momentum SGD with coupled L2 decay; adam: coupled L2; adamw: decoupled weight decay")
@@ -126,7 +132,7 @@ def main(argv=None) -> dict:
     def load(split):
         images, labels = data.load(args.dataset, split, data_dir=args.data_dir, source_dir=args.source_dir)
         images = jax.device_put(images)
-        return (images if args.input_size == 28 else data.pad_images(images, to=args.input_size)), labels
+        return data.pad_images(images, to=args.input_size), labels
 
     train_images, train_labels = load("train")
     test_images, test_labels = load("test")
@@ -154,11 +160,10 @@ def main(argv=None) -> dict:
         decay_factor=args.lr_decay,
     )
     tx = train.make_optimizer(args.optimizer, schedule, momentum=args.momentum, weight_decay=args.weight_decay)
-    options = model_options(args.model_option)
+    options = {**MODEL_DEFAULTS.get(args.model, {}), **model_options(args.model_option)}
     model = models.create(
-        args.model, num_classes=10, in_channels=1, input_size=args.input_size, backward=args.backward,
+        args.model, num_classes=10, in_channels=1, backward=args.backward, dtype=None if dtype == jnp.float32 else dtype,
         rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1), **options,
-        **({} if args.dtype == "float32" else {"dtype": dtype}),
     )
     result = train.fit(
         model,

@@ -239,7 +239,7 @@ def resume_child(folder: str, slow: bool) -> None:
 
     def slow_batches(epoch):
         for batch in batches(epoch):
-            time.sleep(0.3 if slow else 0)
+            time.sleep(0.5 if slow else 0)
             yield batch
 
     result = T.fit(
