@@ -1,0 +1,143 @@
+"""Brief training runs of the experiments: Fashion-MNIST (or a synthetic stand-in of the same shape, for smoke
+tests) through `convlib.data`, trained with `convlib.train.fit`, evaluated at a few points along the way."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convlib import data, train
+
+NUM_CLASSES = 10
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --source-dir and --synthetic."""
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or "
+                        "~/tensorflow_datasets)")
+    parser.add_argument("--source-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
+                        "(default: the Debian package's /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--synthetic", action="store_true", help="Fashion-MNIST-shaped synthetic images instead of "
+                        "the real data (always so with --smoke)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: jax.Array  # uint8 (N, H, W, 1)
+    labels: jax.Array  # int32 (N,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    train: Split
+    test: Split
+    name: str  # "fashion_mnist" or "synthetic"
+
+
+def synthetic_images(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n Fashion-MNIST-shaped images, uint8 (n, 28, 28, 1), labels int32 (n,): each class a fixed smooth random
+    template, shifted by up to 2 pixels, plus noise. Learnable, so short training runs go somewhere."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, (NUM_CLASSES, 7, 7))
+    templates = np.kron(coarse, np.ones((4, 4)))  # (10, 28, 28), blocky
+    labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+    shifts = rng.integers(-2, 3, (n, 2))
+    images = np.stack([np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)])
+    images = np.clip(images * 200 + rng.normal(0, 30, images.shape), 0, 255)
+    return images.astype(np.uint8)[..., None], labels
+
+
+def load(args: argparse.Namespace, *, train_size: int | None, test_size: int | None, pad_to: int | None = None,
+         seed: int = 0) -> Dataset:
+    """The first `train_size` / `test_size` examples (None: all) of Fashion-MNIST, on device, optionally
+    zero-padded to `pad_to` x `pad_to`; synthetic images with `args.synthetic` or `args.size == "smoke"`."""
+    synthetic = args.synthetic or args.size == "smoke"
+
+    def split(name, size):
+        if synthetic:
+            images, labels = synthetic_images(seed + (name == "test"), size or 1000)
+        else:
+            images, labels = data.load("fashion_mnist", name, data_dir=args.data_dir, source_dir=args.source_dir)
+            images, labels = images[:size], labels[:size]
+        images = jax.device_put(images)
+        return Split(images if pad_to is None else data.pad_images(images, to=pad_to), jax.device_put(labels))
+
+    return Dataset(split("train", train_size), split("test", test_size),
+                   "synthetic" if synthetic else "fashion_mnist")
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+    """uint8 images -> float32 normalised with Fashion-MNIST's mean and standard deviation."""
+    mean, std = data.MEAN_STD["fashion_mnist"]
+    return data.normalize(images, mean, std)
+
+
+def batch_cycle(key: jax.Array, split: Split, batch_size: int):
+    """Endless shuffled batches of `split`: epoch after epoch, each with its own key."""
+    for epoch in itertools.count():
+        yield from data.batches(jax.random.fold_in(key, epoch), split.images, split.labels, batch_size)
+
+
+@dataclasses.dataclass
+class Training:
+    """curve: one dict per evaluation point: step, train_loss / train_error (running means over the steps since the
+    last point, training mode), test_loss / test_error; steps: the per-step loss; result: convlib.train's FitResult."""
+
+    curve: list[dict]
+    steps: list[dict]
+    result: train.FitResult
+
+
+def fit(model, dataset: Dataset, *, steps: int, batch_size: int, key: jax.Array, evaluations: int = 5,
+        optimizer: str = "sgd", learning_rate: float = 0.1, schedule: str = "cosine", warmup_steps: int = 0,
+        momentum: float = 0.9, weight_decay: float = 5e-4, crop_padding: int = 0, eval_batch_size: int = 1000,
+        progress: bool = False) -> Training:
+    """Trains `model` in place for `steps` steps with `convlib.train.fit`, evaluating on the test split
+    `evaluations` times (evenly spaced, the last at the end)."""
+    if steps < 1 or evaluations < 1 or batch_size < 1:
+        raise ValueError(f"steps, evaluations and batch_size must be >= 1, got {steps}, {evaluations}, {batch_size}")
+    if batch_size > dataset.train.labels.shape[0]:
+        raise ValueError(f"batch_size={batch_size} exceeds the {dataset.train.labels.shape[0]} training images")
+    evaluations = min(evaluations, steps)
+    per_round = -(-steps // evaluations)
+    data_key, train_key = jax.random.split(key)
+    lr = train.make_schedule(schedule, learning_rate, total_steps=steps, warmup_steps=warmup_steps)
+    tx = train.make_optimizer(optimizer, lr, momentum=momentum, weight_decay=weight_decay)
+    augment = None
+    if crop_padding:
+        def augment(key, images):
+            return data.random_crop(key, images, crop_padding)
+    result = train.fit(
+        model, tx,
+        lambda round_: batch_cycle(jax.random.fold_in(data_key, round_), dataset.train, batch_size),
+        steps_per_epoch=per_round, epochs=-(-steps // per_round), max_steps=steps, key=train_key,
+        learning_rate=lr, preprocess=preprocess, augment=augment,
+        eval_batches=lambda: data.batches(key, dataset.test.images, dataset.test.labels,
+                                          min(eval_batch_size, dataset.test.labels.shape[0]), shuffle=False,
+                                          drop_remainder=False),
+        progress=progress,
+    )
+    curve = [
+        {"step": r["step"], "train_loss": r["train_loss"], "train_error": 1 - r["train_accuracy"],
+         "test_loss": r["test_loss"], "test_error": 1 - r["test_accuracy"]}
+        for r in result.records if r["kind"] == "epoch"
+    ]
+    step_records = [{"step": r["step"], "loss": r["loss"], "error": 1 - r["accuracy"]}
+                    for r in result.records if r["kind"] == "step"]
+    return Training(curve, step_records, result)
+
+
+def accuracy(model, split: Split, batch_size: int = 500) -> float:
+    """Test accuracy of `model` (evaluation mode) on `split`."""
+    model.eval()
+    correct = 0
+    for start in range(0, split.labels.shape[0], batch_size):
+        logits = model(preprocess(split.images[start:start + batch_size]))
+        correct += int(jnp.sum(jnp.argmax(logits, -1) == split.labels[start:start + batch_size]))
+    model.train()
+    return correct / split.labels.shape[0]

@@ -1,0 +1,164 @@
+"""What every experiment script shares: its common flags, its output folder, the record of the machine, and
+atomic writing of JSON, CSV, Markdown tables and PNG figures (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+from convlib.train import write_json
+from convlib.train.atomic_files import atomic_path, write_text
+
+SIZES = ("smoke", "default", "full")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the description's line breaks."""
+
+
+def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """A parser with the flags every experiment has: --out, --seed, --smoke / --full, --no-progress."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.add_argument("--out", default=os.path.join("runs", name), help="output folder (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (jax.random keys, nnx.Rngs)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", dest="size", action="store_const", const="smoke", default="default",
+                      help="tiny sizes and a few steps (seconds; for the tests)")
+    size.add_argument("--full", dest="size", action="store_const", const="full",
+                      help="the real-scale run (meant for a GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def pick(size: str, smoke, default, full):
+    """The value for the run size `size` ("smoke", "default" or "full")."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    return {"smoke": smoke, "default": default, "full": full}[size]
+
+
+def positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """parser.error naming the flag unless each of `names` (attribute names) is None or a positive number."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value!r}")
+
+
+def machine() -> dict:
+    """CPU model, core count, the JAX devices (GPU name), library versions and the date, for the results."""
+    import flax
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "backend": device.platform,
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe(info: dict) -> str:
+    """One line naming the machine of `machine()`, e.g. 'cpu: AMD EPYC ... (2 cores), JAX 0.10.2'."""
+    where = f"{info['cpu']} ({info['cpu_cores']} cores)" if info["backend"] == "cpu" else info["device"]
+    return f"{info['backend']}: {where}, JAX {info['jax']}"
+
+
+class Run:
+    """The output folder of one experiment run: writes files atomically and, at the end, results.json.
+
+    results.json holds what the script passes to `finish`, plus the command, the flags, the machine and the wall time.
+    """
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str] | None):
+        self.args, self.folder = args, args.out
+        self.started = time.perf_counter()
+        self.command = " ".join(["python", sys.argv[0] if argv is None else "<main>", *(sys.argv[1:] if argv is None
+                                                                                        else argv)])
+        os.makedirs(self.folder, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def write_json(self, name: str, obj) -> str:
+        write_json(self.path(name), obj)
+        return self.path(name)
+
+    def write_csv(self, name: str, rows: Sequence[dict]) -> str:
+        """Rows of dicts (the first row's keys are the columns) as CSV."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.path(name), text.getvalue())
+        return self.path(name)
+
+    def write_markdown(self, name: str, rows: Sequence[dict], columns: Sequence[str] | None = None,
+                       title: str | None = None) -> str:
+        """Rows of dicts as a Markdown table (floats with 3 significant digits)."""
+        write_text(self.path(name), markdown_table(rows, columns, title))
+        return self.path(name)
+
+    def save_figure(self, fig, name: str, dpi: int = 90) -> str:
+        """Saves a matplotlib figure as PNG and closes it."""
+        import matplotlib.pyplot as plt
+
+        with atomic_path(self.path(name)) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        return self.path(name)
+
+    def finish(self, results: dict) -> dict:
+        """Writes results.json (results + command, flags, machine, wall time) and returns it."""
+        results = {
+            **results,
+            "command": self.command,
+            "config": vars(self.args),
+            "machine": machine(),
+            "wall_s": time.perf_counter() - self.started,
+        }
+        self.write_json("results.json", results)
+        return results
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, title: str | None = None) -> str:
+    columns = list(columns or rows[0])
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = [f"### {title}\n"] if title else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
