@@ -1,0 +1,193 @@
+"""Residual networks (He, Zhang, Ren and Sun 2016) and their plain twins.
+
+Blocks are conv - BN - ReLU - ... - conv - BN, then (+ shortcut) and ReLU after
+the addition. Shortcuts where the shape changes: option "A" (every s-th position,
+zero-padded new channels, parameter free) or "B" (1x1 conv with stride + BN).
+A plain net (`residual=False`) is the same net without shortcuts; with option A
+it has exactly the residual net's parameters.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convlib.models.layer_factory import LayerFactory
+from convlib.nn.validation import check_choice, check_positive_int
+
+SHORTCUTS = ("A", "B")
+
+
+class ZeroPadShortcut(nnx.Module):
+    """Option A: x (N, H, W, C_in) -> (N, ceil(H/s), ceil(W/s), C_out), new channels zero."""
+
+    def __init__(self, in_features: int, out_features: int, stride: int):
+        self.extra, self.stride = out_features - in_features, stride
+
+    def __call__(self, x):
+        x = x[:, :: self.stride, :: self.stride, :]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.extra)))
+
+
+class ProjectionShortcut(nnx.Module):
+    """Option B: 1x1 conv with stride, then BatchNorm: (N, H, W, C_in) -> (N, H/s, W/s, C_out)."""
+
+    def __init__(self, in_features: int, out_features: int, stride: int, layers: LayerFactory):
+        self.conv = layers.conv(in_features, out_features, 1, stride=stride, use_bias=False)
+        self.norm = layers.batch_norm(out_features)
+
+    def __call__(self, x):
+        return self.norm(self.conv(x))
+
+
+class _Block(nnx.Module):
+    """What basic and bottleneck blocks share: the shortcut and the join."""
+
+    expansion = 1
+
+    def _init_shortcut(self, in_features, out_features, stride, residual, shortcut, layers):
+        self.residual = residual
+        if not residual or (in_features == out_features and stride == 1):
+            self.shortcut = None  # plain, or identity
+        elif shortcut == "A":
+            self.shortcut = ZeroPadShortcut(in_features, out_features, stride)
+        else:
+            self.shortcut = ProjectionShortcut(in_features, out_features, stride, layers)
+
+    def _join(self, x, y):
+        if self.residual:
+            y = y + (x if self.shortcut is None else self.shortcut(x))
+        return jax.nn.relu(y)
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convs: (N, H, W, C_in) -> (N, H/stride, W/stride, width)."""
+
+    def __init__(self, in_features, width, stride, *, residual, shortcut, layers: LayerFactory):
+        self.conv1 = layers.conv(in_features, width, 3, stride=stride, padding=1, use_bias=False)
+        self.norm1 = layers.batch_norm(width)
+        self.conv2 = layers.conv(width, width, 3, padding=1, use_bias=False)
+        self.norm2 = layers.batch_norm(width)
+        self._init_shortcut(in_features, width, stride, residual, shortcut, layers)
+
+    def __call__(self, x):
+        y = jax.nn.relu(self.norm1(self.conv1(x)))
+        return self._join(x, self.norm2(self.conv2(y)))
+
+
+class Bottleneck(_Block):
+    """1x1 (stride, as in the paper) - 3x3 - 1x1 convs: (N, H, W, C_in) -> (N, H/stride, W/stride, 4 width)."""
+
+    expansion = 4
+
+    def __init__(self, in_features, width, stride, *, residual, shortcut, layers: LayerFactory):
+        out_features = self.expansion * width
+        self.conv1 = layers.conv(in_features, width, 1, stride=stride, use_bias=False)
+        self.norm1 = layers.batch_norm(width)
+        self.conv2 = layers.conv(width, width, 3, padding=1, use_bias=False)
+        self.norm2 = layers.batch_norm(width)
+        self.conv3 = layers.conv(width, out_features, 1, use_bias=False)
+        self.norm3 = layers.batch_norm(out_features)
+        self._init_shortcut(in_features, out_features, stride, residual, shortcut, layers)
+
+    def __call__(self, x):
+        y = jax.nn.relu(self.norm1(self.conv1(x)))
+        y = jax.nn.relu(self.norm2(self.conv2(y)))
+        return self._join(x, self.norm3(self.conv3(y)))
+
+
+class ResNet(nnx.Module):
+    """stem - stages of blocks - global average pool - FC: (N, H, W, C) -> logits (N, num_classes).
+
+    Stage i has `stage_sizes[i]` blocks of width `widths[i]`; its first block has
+    stride 1 (i = 0) or 2. Any input size that survives the strides works.
+    Use :class:`CifarResNet` and :class:`ImageNetResNet` for the paper's nets.
+    """
+
+    def __init__(self, *, block, stage_sizes, widths, stem, residual, shortcut, num_classes, in_channels, rngs,
+                 backward, dtype, param_dtype):
+        check_choice("shortcut", shortcut, SHORTCUTS)
+        if len(widths) != len(stage_sizes):
+            raise ValueError(f"widths must hold {len(stage_sizes)} ints, got {widths!r}")
+        widths = tuple(check_positive_int("widths", w) for w in widths)
+        layers = LayerFactory(rngs, backward, dtype, param_dtype)
+        self.stem = stem(check_positive_int("in_channels", in_channels), widths[0], layers)
+        stages, features = [], widths[0]
+        for i, (size, width) in enumerate(zip(stage_sizes, widths)):
+            blocks = []
+            for j in range(size):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(features, width, stride, residual=residual, shortcut=shortcut, layers=layers))
+                features = block.expansion * width
+            stages.append(nnx.Sequential(*blocks))
+        self.stages = nnx.List(stages)
+        self.pool = layers.global_avg_pool()
+        self.fc = layers.linear(features, num_classes)
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(self.pool(x))
+
+
+def cifar_stem(in_channels, width, layers: LayerFactory):
+    """3x3 conv - BN - ReLU (He et al. 2016, Section 4.2)."""
+    return nnx.Sequential(
+        layers.conv(in_channels, width, 3, padding=1, use_bias=False), layers.batch_norm(width), jax.nn.relu
+    )
+
+
+def imagenet_stem(in_channels, width, layers: LayerFactory):
+    """7x7/2 conv - BN - ReLU - 3x3/2 max-pool: 224 -> 56."""
+    return nnx.Sequential(
+        layers.conv(in_channels, width, 7, stride=2, padding=3, use_bias=False),
+        layers.batch_norm(width),
+        jax.nn.relu,
+        layers.max_pool(3, 2, 1),
+    )
+
+
+class CifarResNet(ResNet):
+    """ResNet-(6n+2) for 32x32 images: 3 stages of n basic blocks, widths 16-32-64, option-A shortcuts.
+
+    ResNet-20: 269,722 parameters for 10 classes. `residual=False` gives the plain net.
+    """
+
+    def __init__(self, *, depth=20, residual=True, shortcut="A", widths=(16, 32, 64), num_classes=10,
+                 in_channels=3, rngs, backward="custom", dtype=None, param_dtype=jnp.float32):
+        if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
+        super().__init__(
+            block=BasicBlock, stage_sizes=((depth - 2) // 6,) * 3, widths=widths, stem=cifar_stem,
+            residual=residual, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, rngs=rngs,
+            backward=backward, dtype=dtype, param_dtype=param_dtype,
+        )
+
+
+IMAGENET_DEPTHS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ImageNetResNet(ResNet):
+    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks) of Table 1, option-B shortcuts.
+
+    Widths 64-128-256-512 (x4 out of a bottleneck); ResNet-50: 25,557,032 parameters for 1000 classes.
+    """
+
+    def __init__(self, *, depth=50, residual=True, shortcut="B", widths=(64, 128, 256, 512), num_classes=10,
+                 in_channels=3, rngs, backward="custom", dtype=None, param_dtype=jnp.float32):
+        if depth not in IMAGENET_DEPTHS:
+            raise ValueError(f"depth must be one of {tuple(IMAGENET_DEPTHS)}, got {depth!r}")
+        block, stage_sizes = IMAGENET_DEPTHS[depth]
+        super().__init__(
+            block=block, stage_sizes=stage_sizes, widths=widths, stem=imagenet_stem, residual=residual,
+            shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, rngs=rngs, backward=backward,
+            dtype=dtype, param_dtype=param_dtype,
+        )
