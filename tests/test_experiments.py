@@ -1,0 +1,130 @@
+"""The research scripts in experiments/ run end to end in --smoke mode (tiny sizes, synthetic Fashion-MNIST-shaped
+data), in this process through their main(argv), and write sane, checkable results."""
+
+import importlib
+import json
+import math
+import os
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def script(name):
+    """The experiments/<name>.py module (its folder on sys.path, as when it runs as a script)."""
+    if EXPERIMENTS not in sys.path:
+        sys.path.insert(0, EXPERIMENTS)
+    return importlib.import_module(name)
+
+
+def run_smoke(name, tmp_path, *flags):
+    results = script(name).main(["--smoke", "--no-progress", "--out", str(tmp_path), *flags])
+    with open(tmp_path / "results.json") as f:
+        written = json.load(f)
+    assert written["machine"]["jax"] and written["machine"]["cpu_cores"] >= 1 and written["machine"]["date"]
+    assert written["config"]["size"] == "smoke" and written["wall_s"] > 0
+    assert set(written) == set(results)
+    return written
+
+
+def assert_files(folder, *names):
+    for name in names:
+        path = folder / name
+        assert path.exists() and path.stat().st_size > 0, name
+
+
+def finite_positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_compare_vjp(tmp_path):
+    r = run_smoke("compare_vjp", tmp_path)
+    assert_files(tmp_path, "layers.csv", "layers.md", "models.csv", "training.csv", "time_ratios.png", "training.png")
+    custom = r["summary"]["custom"]
+    assert custom["max_rel_error_float32"] < 1e-5
+    assert custom["max_rel_error_float64"] < 1e-12
+    assert custom["max_model_rel_error_float32"] < 1e-4
+    assert custom["max_model_rel_error_float64"] < 1e-12
+    assert custom["max_forward_abs_error"] < 1e-5
+    for row in r["layers"]:
+        assert all(finite_positive(row[f"{m}_{f}_ms"]) for m in ("custom", "autodiff")
+                   for f in ("forward", "dX", "dW", "fwd+bwd"))
+        assert row["custom_rel32_vs_64"] < 1e-5 and row["autodiff_rel32_vs_64"] < 1e-5
+    training = r["training"]
+    assert training["custom_max_loss_diff"] < 1e-4
+    assert len(training["custom_curve"]) == len(training["autodiff_curve"]) >= 1
+
+
+def test_receptive_field(tmp_path):
+    r = run_smoke("receptive_field", tmp_path)
+    assert_files(tmp_path, "fields.csv", "networks.csv", "rf_vs_depth.png", "erf.png")
+    assert r["all_match"]
+    sizes = {(f["stack"], f["depth"]): f for f in r["fields"]}
+    assert sizes[("3x3 conv", 2)]["empirical_size"] == 5
+    assert sizes[("dilated 3x3: 1,1,2,4,8,...", 2)]["dense"]
+    assert not sizes[("dilated 3x3: 2,2,2,...", 2)]["dense"]  # dilation without a dilation-1 layer leaves holes
+    networks = {(n["network"], n["layer"]): n["size"] for n in r["networks"]}
+    assert networks[("LeNet-5 (32x32 input)", "C5")] == 32
+    assert networks[("AlexNet (224x224)", "pool5")] == 195
+    assert networks[("VGG-16 (224x224)", "conv5_3")] == 196
+    erf = r["erf"]
+    assert 0 < erf["untrained"]["radius_90"] <= erf["theoretical_size"]
+
+
+def test_implementations(tmp_path):
+    r = run_smoke("implementations", tmp_path)
+    assert_files(tmp_path, "implementations.csv", "time_vs_flops.png")
+    s = r["summary"]
+    assert s["max_forward_err32"] < 1e-4 and s["max_forward_err64"] < 1e-12 and s["max_gradient_err32"] < 1e-4
+    assert s["loops_fd_dX_rel_error"] < 1e-6 and s["loops_fd_dW_rel_error"] < 1e-6
+    assert all(finite_positive(row["loops_forward_ms"]) and finite_positive(row["lax_forward_ms"])
+               for row in r["sizes"])
+
+
+def test_degradation(tmp_path):
+    r = run_smoke("degradation", tmp_path)
+    assert_files(tmp_path, "curves.csv", "degradation.png")
+    assert [m["model"] for m in r["models"]] == ["plain8", "resnet8"]
+    for m in r["models"]:
+        assert 0 <= m["final_test_error"] <= 1 and 0 <= m["final_train_error"] <= 1
+    plain8, resnet8 = r["models"]
+    assert plain8["parameters"] == resnet8["parameters"]  # option-A shortcuts add no parameters
+
+
+def test_visualize(tmp_path):
+    r = run_smoke("visualize", tmp_path)
+    assert_files(tmp_path, "filters.png", "feature_maps.png", "top_patches.png")
+    assert [f["size"] for f in r["fields"]] == [6, 16]  # conv5-pool2-conv5-pool2
+    for stage in r["top_patches"]:
+        for entries in stage["patches"]:
+            activations = [e["activation"] for e in entries]
+            assert activations == sorted(activations, reverse=True)
+
+
+def test_groups(tmp_path):
+    r = run_smoke("groups", tmp_path)
+    assert_files(tmp_path, "layer.csv", "training.csv", "groups_layer.png", "groups_training.png")
+    c = r["config"]["channels"]
+    assert [row["parameters"] for row in r["layer"]] == [9 * c * c // row["groups"] + c for row in r["layer"]]
+    assert r["layer"][-1]["depthwise"]
+    params = [row["parameters"] for row in r["training"]]
+    assert params == sorted(params, reverse=True) and len(set(params)) == len(params)
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("compare_vjp", ["--modes", "autodiff"]),
+    ("compare_vjp", ["--models", "no_such_net"]),
+    ("receptive_field", ["--depth", "0"]),
+    ("implementations", ["--repeats", "-1"]),
+    ("degradation", ["--depths", "21"]),
+    ("visualize", ["--from-run", "/nonexistent"]),
+    ("groups", ["--widths", "3,5,7"]),
+    ("groups", ["--smoke", "--full"]),
+])
+def test_bad_flags_are_argparse_errors(name, flags, capsys):
+    with pytest.raises(SystemExit) as raised:
+        script(name).parse_args(flags)
+    assert raised.value.code == 2
+    assert flags[0] in capsys.readouterr().err
