@@ -1,7 +1,7 @@
 """Whole-model gradients: backward="custom" (hand-derived VJPs) equals backward="autodiff", in float64.
 
-One small variant per architecture (narrow widths, tiny batch), in training mode
-(batch statistics, dropout masks from the same `dropout` stream in both twins).
+One small variant per architecture (narrow widths, the fewest blocks, batch 2), in
+training mode (batch statistics; dropout masks from the same `dropout` stream in both twins).
 """
 
 import jax
@@ -12,28 +12,47 @@ from flax import nnx
 
 from convlib import models
 
+def registered(name, **options):
+    return lambda rngs, **kw: models.create(name, rngs=rngs, **kw, **options)
+
+
+def resnet(**options):
+    return lambda rngs, **kw: models.ResNet(rngs=rngs, **kw, **options)
+
+
+# Each architecture at its smallest: one block per stage where the depth is free.
 CASES = {
-    "lenet5": dict(in_channels=1),
-    "lenet5_rbf": dict(in_channels=1, head="rbf"),
-    "lenet5_modern": dict(in_channels=1, input_size=28, activation="tanh", pool="avg"),
-    "alexnet_small": dict(channels=(4, 8, 8, 8, 4), hidden=16),
-    "vgg11_bn_small": dict(widths=(4, 4, 8, 8, 8), hidden=8),
-    "vgg16_small": dict(config="C", widths=(2, 4, 4, 4, 4), hidden=8, input_size=28),
-    "resnet20": dict(widths=(4, 4, 8)),
-    "plain20": dict(widths=(4, 4, 8)),
-    "resnet18": dict(widths=(4, 4, 4, 8), input_size=None),
-    "resnet50": dict(widths=(2, 2, 2, 2), input_size=None),
-    "context_basic": dict(num_classes=3),
-    "context_large": dict(num_classes=2),
+    "lenet5": (registered("lenet5", in_channels=1), (32, 1)),
+    "lenet5_modern": (registered("lenet5_modern", in_channels=1, input_size=28, activation="tanh", pool="avg"),
+                      (28, 1)),
+    "alexnet_small": (registered("alexnet_small", channels=(4, 8, 8, 8, 4), hidden=16), (32, 3)),
+    "vgg11_bn_small": (registered("vgg11_bn_small", widths=(4, 4, 8, 8, 8), hidden=8), (32, 3)),
+    "resnet8 (CIFAR, option A)": (resnet(block="basic", stage_sizes=(1, 1, 1), widths=(4, 4, 8), stem="cifar",
+                                         shortcut="A"), (32, 3)),
+    "plain8 (CIFAR)": (resnet(block="basic", stage_sizes=(1, 1, 1), widths=(4, 4, 8), stem="cifar",
+                              residual=False), (32, 3)),
+    "resnet10 (ImageNet, basic, option B)": (resnet(block="basic", stage_sizes=(1, 1, 1, 1), widths=(4, 4, 4, 8)),
+                                             (32, 3)),
+    "resnet14 (ImageNet, bottleneck)": (resnet(block="bottleneck", stage_sizes=(1, 1, 1, 1), widths=(2, 2, 2, 2)),
+                                        (32, 3)),
+    "context_basic": (registered("context_basic", num_classes=3), (16, 3)),
+    "context_large": (registered("context_large", num_classes=2), (16, 2)),
 }
 RELATIVE_TOLERANCE = 1e-10
 
 
-def build(name, backward, options):
-    options = {k: v for k, v in options.items() if k != "input_size" or v is not None}
-    name = name.replace("_rbf", "")
+@pytest.fixture(scope="module", autouse=True)
+def quick_compiles():
+    """XLA with most optimisations off: these graphs run once, so compile time is what counts."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def build(make, backward):
     rngs = nnx.Rngs(params=jax.random.key(0, impl="rbg"), dropout=jax.random.key(1, impl="rbg"))
-    return models.create(name, rngs=rngs, backward=backward, param_dtype=jnp.float64, **options)
+    return make(rngs, backward=backward, param_dtype=jnp.float64)
 
 
 def loss(model, x):
@@ -48,15 +67,13 @@ def both_gradients(custom, autodiff, x):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_custom_backward_equals_autodiff(name):
-    options = CASES[name]
+    make, (size, channels) = CASES[name]
     with jax.enable_x64(True):
-        custom = build(name, "custom", options)
+        custom = build(make, "custom")
         # The twin gets the same structure from the same seed; its values are copied
         # (bit-identical, no second round of initialiser compiles).
-        autodiff = nnx.eval_shape(lambda: build(name, "autodiff", options))
+        autodiff = nnx.eval_shape(lambda: build(make, "autodiff"))
         nnx.update(autodiff, nnx.clone(nnx.state(custom)))
-        size = options.get("input_size") or 32
-        channels = options.get("in_channels", options.get("num_classes", 3) if name.startswith("context") else 3)
         x = jax.random.normal(jax.random.key(2), (2, size, size, channels), jnp.float64)
         (params_c, x_c), (params_a, x_a) = both_gradients(custom, autodiff, x)
         leaves_c = jax.tree.leaves(params_c) + [x_c]

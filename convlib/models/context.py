@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from convlib.models.layer_factory import LayerFactory
@@ -26,10 +27,12 @@ def identity_init(channels: int, noise: float):
 
     def init(key, shape, dtype=jnp.float32):
         kh, kw, c_in, c_out = shape
-        same_group = (jnp.arange(c_in)[:, None] * channels // c_in) == (jnp.arange(c_out)[None, :] * channels // c_out)
-        kernel = noise * jax.random.normal(key, shape, dtype)
-        centre = jnp.where(same_group, channels / c_out, kernel[kh // 2, kw // 2])
-        return kernel.at[kh // 2, kw // 2].set(centre.astype(dtype))
+        centre = np.zeros(shape, bool)
+        centre[kh // 2, kw // 2] = (np.arange(c_in)[:, None] * channels // c_in) == (
+            np.arange(c_out)[None, :] * channels // c_out
+        )
+        kernel = noise * jax.random.normal(key, shape, dtype) if noise else jnp.zeros(shape, dtype)
+        return jnp.where(centre, jnp.asarray(channels / c_out, dtype), kernel)
 
     return init
 

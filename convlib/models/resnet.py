@@ -97,20 +97,49 @@ class Bottleneck(_Block):
         return self._join(x, self.norm3(self.conv3(y)))
 
 
+def cifar_stem(in_channels, width, layers: LayerFactory):
+    """3x3 conv - BN - ReLU (He et al. 2016, Section 4.2)."""
+    return nnx.Sequential(
+        layers.conv(in_channels, width, 3, padding=1, use_bias=False), layers.batch_norm(width), jax.nn.relu
+    )
+
+
+def imagenet_stem(in_channels, width, layers: LayerFactory):
+    """7x7/2 conv - BN - ReLU - 3x3/2 max-pool: 224 -> 56."""
+    return nnx.Sequential(
+        layers.conv(in_channels, width, 7, stride=2, padding=3, use_bias=False),
+        layers.batch_norm(width),
+        jax.nn.relu,
+        layers.max_pool(3, 2, 1),
+    )
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+STEMS = {"cifar": cifar_stem, "imagenet": imagenet_stem}
+
+
 class ResNet(nnx.Module):
     """stem - stages of blocks - global average pool - FC: (N, H, W, C) -> logits (N, num_classes).
 
-    Stage i has `stage_sizes[i]` blocks of width `widths[i]`; its first block has
-    stride 1 (i = 0) or 2. Any input size that survives the strides works.
-    Use :class:`CifarResNet` and :class:`ImageNetResNet` for the paper's nets.
+    Stage i has `stage_sizes[i]` blocks (`block`: "basic" or "bottleneck") of
+    width `widths[i]`; its first block has stride 1 (i = 0) or 2. `stem`:
+    "cifar" (3x3 conv) or "imagenet" (7x7/2 conv and 3x3/2 max-pool). Any input
+    size that survives the strides works. :class:`CifarResNet` and
+    :class:`ImageNetResNet` are the paper's nets.
     """
 
-    def __init__(self, *, block, stage_sizes, widths, stem, residual, shortcut, num_classes, in_channels, rngs,
-                 backward, dtype, param_dtype):
+    def __init__(self, *, block="basic", stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet",
+                 residual=True, shortcut="B", num_classes=10, in_channels=3, rngs, backward="custom", dtype=None,
+                 param_dtype=jnp.float32):
+        block = BLOCKS[check_choice("block", block, tuple(BLOCKS))]
+        stem = STEMS[check_choice("stem", stem, tuple(STEMS))]
         check_choice("shortcut", shortcut, SHORTCUTS)
+        if not isinstance(residual, bool):
+            raise ValueError(f"residual must be a bool, got {residual!r}")
         if len(widths) != len(stage_sizes):
-            raise ValueError(f"widths must hold {len(stage_sizes)} ints, got {widths!r}")
+            raise ValueError(f"widths must hold {len(stage_sizes)} ints (one per stage), got {widths!r}")
         widths = tuple(check_positive_int("widths", w) for w in widths)
+        stage_sizes = tuple(check_positive_int("stage_sizes", n) for n in stage_sizes)
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.stem = stem(check_positive_int("in_channels", in_channels), widths[0], layers)
         stages, features = [], widths[0]
@@ -132,23 +161,6 @@ class ResNet(nnx.Module):
         return self.fc(self.pool(x))
 
 
-def cifar_stem(in_channels, width, layers: LayerFactory):
-    """3x3 conv - BN - ReLU (He et al. 2016, Section 4.2)."""
-    return nnx.Sequential(
-        layers.conv(in_channels, width, 3, padding=1, use_bias=False), layers.batch_norm(width), jax.nn.relu
-    )
-
-
-def imagenet_stem(in_channels, width, layers: LayerFactory):
-    """7x7/2 conv - BN - ReLU - 3x3/2 max-pool: 224 -> 56."""
-    return nnx.Sequential(
-        layers.conv(in_channels, width, 7, stride=2, padding=3, use_bias=False),
-        layers.batch_norm(width),
-        jax.nn.relu,
-        layers.max_pool(3, 2, 1),
-    )
-
-
 class CifarResNet(ResNet):
     """ResNet-(6n+2) for 32x32 images: 3 stages of n basic blocks, widths 16-32-64, option-A shortcuts.
 
@@ -160,18 +172,18 @@ class CifarResNet(ResNet):
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
         super().__init__(
-            block=BasicBlock, stage_sizes=((depth - 2) // 6,) * 3, widths=widths, stem=cifar_stem,
+            block="basic", stage_sizes=((depth - 2) // 6,) * 3, widths=widths, stem="cifar",
             residual=residual, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, rngs=rngs,
             backward=backward, dtype=dtype, param_dtype=param_dtype,
         )
 
 
 IMAGENET_DEPTHS = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
 }
 
 
@@ -187,7 +199,7 @@ class ImageNetResNet(ResNet):
             raise ValueError(f"depth must be one of {tuple(IMAGENET_DEPTHS)}, got {depth!r}")
         block, stage_sizes = IMAGENET_DEPTHS[depth]
         super().__init__(
-            block=block, stage_sizes=stage_sizes, widths=widths, stem=imagenet_stem, residual=residual,
+            block=block, stage_sizes=stage_sizes, widths=widths, stem="imagenet", residual=residual,
             shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, rngs=rngs, backward=backward,
             dtype=dtype, param_dtype=param_dtype,
         )
