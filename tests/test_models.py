@@ -248,8 +248,9 @@ def test_input_size_mismatch_is_a_clear_error():
 
 
 def test_backward_and_dtype_reach_every_layer():
-    for name in ("lenet5", "lenet5_modern", "alexnet_small", "vgg11_bn_small", "resnet20", "context_large"):
-        model = models.abstract_model(name, backward="textbook", dtype=jnp.bfloat16)
+    for name, options in [("lenet5", dict(head="rbf")), ("lenet5_modern", {}), ("alexnet_small", {}),
+                          ("vgg11_bn_small", {}), ("resnet20", {}), ("context_large", {})]:
+        model = models.abstract_model(name, backward="textbook", dtype=jnp.bfloat16, **options)
         layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nn.Conv, nn.MaxPool, nn.AvgPool,
                                                                        nn.GlobalAvgPool))]
         assert layers and all(layer.backward == "textbook" for layer in layers), name
@@ -261,8 +262,9 @@ def test_backward_and_dtype_reach_every_layer():
     assert len(convs) == 55 and {m.backward for m in convs} == {"autodiff"}
 
 
-def test_mixed_precision_output():
-    graphdef, state = nnx.split(models.abstract_model("resnet20", dtype=jnp.bfloat16))
+@pytest.mark.parametrize("name, options", [("resnet20", {}), ("lenet5", dict(head="rbf")), ("alexnet_small", {})])
+def test_mixed_precision_output(name, options):
+    graphdef, state = nnx.split(models.abstract_model(name, dtype=jnp.bfloat16, **options))
     y = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
     assert y.dtype == jnp.bfloat16
 

@@ -61,11 +61,14 @@ class Subsampling(nnx.Module):
 
     def __init__(self, channels: int, layers: LayerFactory):
         self.pool = layers.avg_pool(2)
+        self.dtype = layers.dtype
         self.coefficient = nnx.Param(uniform_fan_in(layers.rngs.params(), (channels,), layers.param_dtype, fan_in=4))
         self.bias = nnx.Param(jnp.zeros((channels,), layers.param_dtype))
 
     def __call__(self, x):
-        return 4.0 * self.pool(x) * self.coefficient[...] + self.bias[...]
+        dtype = self.dtype or jnp.result_type(x, self.coefficient[...])
+        coefficient, bias = self.coefficient[...].astype(dtype), self.bias[...].astype(dtype)
+        return 4.0 * self.pool(x.astype(dtype)) * coefficient + bias
 
 
 class SparseConv(nnx.Module):
@@ -111,9 +114,11 @@ class EuclideanRBF(nnx.Module):
     def __init__(self, features: int, num_classes: int, layers: LayerFactory):
         signs = jax.random.rademacher(layers.rngs.params(), (num_classes, features))
         self.prototypes = RBFPrototypes(signs.astype(layers.param_dtype))
+        self.dtype = layers.dtype
 
     def __call__(self, x):
-        return jnp.sum(jnp.square(x[:, None, :] - self.prototypes[...]), axis=-1)
+        dtype = self.dtype or jnp.result_type(x, self.prototypes[...])
+        return jnp.sum(jnp.square(x[:, None, :].astype(dtype) - self.prototypes[...].astype(dtype)), axis=-1)
 
 
 class LeNet5(nnx.Module):
