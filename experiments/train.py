@@ -151,11 +151,15 @@ def main(argv=None) -> dict:
     steps_per_epoch = len(train_labels) // args.batch_size
     total_steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
     epochs = -(-total_steps // steps_per_epoch)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if args.schedule == "cosine" and warmup_steps >= total_steps:
+        raise SystemExit(f"--warmup-epochs {args.warmup_epochs} is {warmup_steps} steps, not fewer than the run's "
+                         f"{total_steps}: lower it (e.g. --warmup-epochs 0)")
     schedule = train.make_schedule(
         args.schedule,
         args.lr,
         total_steps=total_steps,
-        warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+        warmup_steps=warmup_steps,
         boundaries=None if args.lr_boundaries is None else [int(b) for b in args.lr_boundaries.split(",")],
         decay_factor=args.lr_decay,
     )
