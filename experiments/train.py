@@ -13,9 +13,8 @@ test accuracy.
 import argparse
 import json
 import os
-import platform
-import sys
-import time
+
+import outputs
 
 
 # Per-model defaults of --model-option. The main job widens lenet5_modern's feature maps from LeNet-5's (6, 16) to
@@ -23,12 +22,8 @@ import time
 MODEL_DEFAULTS = {"lenet5_modern": {"channels": [16, 32]}}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default and keeps the description's line breaks."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=outputs.HelpFormatter)
     add = p.add_argument
     add("--model", default="lenet5_modern", help="model name in convlib.models (lenet5_modern, lenet5, resnet20, "
         "plain20, alexnet_small, vgg11_small)")
@@ -42,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     add("--source-dir", default=None, help="folder with the four IDX files (default: the Debian package's folder, "
         "else a download)")
+    add("--synthetic", type=int, default=None, metavar="N", help="instead of the dataset, N synthetic "
+        "Fashion-MNIST-shaped training images (and N / 5 test images), for smoke tests")
     add("--input-size", type=int, default=32, help="image side fed to the model: the 28x28 images are zero-padded "
         "(centred) to it; 32 suits every model's default, 28 needs --model-option input_size=28")
     add("--crop-padding", type=int, default=2, help="training augmentation: random crop after zero-padding by this "
@@ -75,7 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--checkpoint-every", type=int, default=1000, help="save a checkpoint every this many steps (and at the end)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    outputs.positive(p, args, "batch_size", "eval_batch_size", "epochs", "steps", "lr", "input_size", "synthetic")
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.model}_{'synthetic' if args.synthetic else args.dataset}")
+    return args
 
 
 def model_options(pairs: list[str]) -> dict:
@@ -92,47 +93,27 @@ def model_options(pairs: list[str]) -> dict:
     return options
 
 
-def machine() -> dict:
-    """CPU model, core count, accelerators and library versions of this machine."""
-    import flax
-    import jax
-    import optax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from fashion_training import synthetic_images
+
     from convlib import data, models, train
 
-    started = time.perf_counter()
-    out = args.out or os.path.join("runs", f"{args.model}_{args.dataset}")
-    os.makedirs(out, exist_ok=True)
+    run = outputs.Run(args, argv)
     key = jax.random.key(args.seed)
     data_key, train_key = jax.random.split(key)
 
     def load(split):
-        images, labels = data.load(args.dataset, split, data_dir=args.data_dir, source_dir=args.source_dir)
-        images = jax.device_put(images)
-        return data.pad_images(images, to=args.input_size), labels
+        if args.synthetic:
+            count = args.synthetic // 5 if split == "test" else args.synthetic
+            images, labels = synthetic_images(args.seed + (split == "test"), count)
+        else:
+            images, labels = data.load(args.dataset, split, data_dir=args.data_dir, source_dir=args.source_dir)
+        return data.pad_images(jax.device_put(images), to=args.input_size), jax.device_put(labels)
 
     train_images, train_labels = load("train")
     test_images, test_labels = load("test")
@@ -184,31 +165,26 @@ def main(argv=None) -> dict:
         eval_batches=lambda: data.batches(key, test_images, test_labels, args.eval_batch_size, shuffle=False,
                                           drop_remainder=False),
         parallel=args.parallel,
-        checkpoint_dir=os.path.join(out, "checkpoints"),
+        checkpoint_dir=run.path("checkpoints"),
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        metrics_path=os.path.join(out, "metrics.jsonl"),
+        metrics_path=run.path("metrics.jsonl"),
         progress=not args.no_progress,
     )
     final = [r for r in result.records if r["kind"] == "epoch"][-1]
-    train.plot_history(result.records, os.path.join(out, "curves.png"))
-    results = {
+    train.plot_history(result.records, run.path("curves.png"))
+    results = run.finish({
         "test_accuracy": final["test_accuracy"],
         "test_loss": final["test_loss"],
         "train_loss_last_epoch": final["train_loss"],
         "steps": total_steps,
         "epochs": epochs,
-        "wall_s": time.perf_counter() - started,
         "fit_wall_s": result.wall_s,
         "train_images_per_s": result.images_per_s,
-        "resumed": args.resume,
-        "config": {**vars(args), "model_options": options},
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine(),
-    }
-    train.write_json(os.path.join(out, "results.json"), results)
+        "model_options": options,
+    })
     print(f"test accuracy: {final['test_accuracy']:.4f}  (wall {results['wall_s']:.0f} s, "
-          f"{result.images_per_s:.0f} train images/s; results in {out})")
+          f"{result.images_per_s:.0f} train images/s; results in {args.out})")
     return results
 
 

@@ -215,10 +215,14 @@ def test_max_steps_ends_in_a_partial_epoch_with_a_final_checkpoint(tmp_path):
     assert sorted(T.Checkpoints(tmp_path / "ckpt").all_steps()) == [4, 6]
 
 
-def test_existing_checkpoint_without_resume_raises(tmp_path):
-    tiny_fit(str(tmp_path), epochs=1)
+def test_existing_checkpoint_needs_resume_and_a_finished_run_resumes_as_is(tmp_path):
+    finished = tiny_fit(str(tmp_path), epochs=1)
     with pytest.raises(ValueError, match="resume=True"):
         tiny_fit(str(tmp_path), epochs=1)
+    again = tiny_fit(str(tmp_path), epochs=1, resume=True)
+    assert again.records == finished.records
+    a, b = flat_state(finished.state), flat_state(again.state)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 # --- kill and resume ------------------------------------------------------------------------------------------------

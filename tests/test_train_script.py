@@ -28,18 +28,22 @@ def test_help_explains_every_flag():
     assert done.stdout.count("(default:") >= len(flags) - 3  # --help, --resume/--flip/--no-progress are switches
 
 
-def test_a_few_steps_write_results(tmp_path):
+def test_a_few_steps_write_results_and_resume(tmp_path):
     pytest.importorskip("matplotlib")
-    done = run("--steps", "6", "--batch-size", "64", "--eval-batch-size", "5000", "--warmup-epochs", "0",
-               "--checkpoint-every", "4", "--no-progress", "--out", str(tmp_path))
-    if done.returncode != 0 and "IDX" in done.stderr:
-        pytest.skip(f"Fashion-MNIST not available here: {done.stderr[-300:]}")
+    flags = ["--synthetic", "640", "--steps", "6", "--batch-size", "64", "--warmup-epochs", "0",
+             "--checkpoint-every", "4", "--no-progress", "--out", str(tmp_path)]
+    done = run(*flags)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert 0.1 < results["test_accuracy"] <= 1.0 and results["steps"] == 6
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["steps"] == 6 and results["epochs"] == 1
+    assert results["model_options"] == {"channels": [16, 32]}  # the main job's lenet5_modern
     assert results["train_images_per_s"] > 0 and results["machine"]["cpu_cores"] >= 1
     assert f"test accuracy: {results['test_accuracy']:.4f}" in done.stdout
-    assert (tmp_path / "curves.png").stat().st_size > 0
-    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if r["kind"] == "step"] == list(range(1, 7))
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 7))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]
+
+    resumed = run(*flags, "--resume")  # nothing left to train: reports the same result
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["test_accuracy"] == results["test_accuracy"]

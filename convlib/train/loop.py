@@ -203,7 +203,7 @@ def fit(
     timed = []  # step records of this process after its first (compiling) step
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        for epoch in range(step // steps_per_epoch, -(-total // steps_per_epoch)):
+        for epoch in range(step // steps_per_epoch, -(-total // steps_per_epoch)) if step < total else ():
             end = min(total, (epoch + 1) * steps_per_epoch)
             first = epoch * steps_per_epoch
             batches = itertools.islice(epoch_batches(epoch), step - first, end - first)
