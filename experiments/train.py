@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
     tx = train.make_optimizer(args.optimizer, schedule, momentum=args.momentum, weight_decay=args.weight_decay)
     options = {**MODEL_DEFAULTS.get(args.model, {}), **model_options(args.model_option)}
     model = models.create(
-        args.model, num_classes=10, in_channels=1, backward=args.backward, dtype=None if dtype == jnp.float32 else dtype,
+        args.model, num_classes=10, in_channels=1, backward=args.backward,
+        dtype=None if dtype == jnp.float32 else dtype,
         rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1), **options,
     )
     result = train.fit(

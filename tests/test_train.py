@@ -3,7 +3,6 @@
 Run as a script (``python tests/test_train.py resume-child ...``) it is the child process of the kill-and-resume test.
 """
 
-import json
 import math
 import os
 import signal
@@ -14,7 +13,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -100,7 +98,8 @@ def flat_state(state) -> dict[str, np.ndarray]:
     tree = (state.params, state.rest, state.opt_state)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        jax.tree_util.keystr(path): np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        jax.tree_util.keystr(path):
+            np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
         for path, x in leaves
     }
 
@@ -151,7 +150,8 @@ def test_weight_decay_reaches_kernels_only(name):
     tx = T.make_optimizer(name, 0.1, weight_decay=0.5)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
-    changed = {jax.tree_util.keystr(path): bool(jnp.any(u != 0)) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    changed = {jax.tree_util.keystr(path): bool(jnp.any(u != 0))
+               for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
     assert changed == {path: "kernel" in path for path in changed}, changed
     assert sum(changed.values()) == 2  # conv and linear kernels
 
@@ -160,7 +160,8 @@ def test_rbf_loss_matches_lecun_eq_9():
     distances = jnp.array([[0.5, 3.0, 2.0], [4.0, 1.0, 0.2]])
     labels = jnp.array([0, 1])
     j = 1.5
-    expected = [d[c] + math.log(math.exp(-j) + sum(math.exp(-v) for v in d)) for d, c in zip(distances.tolist(), [0, 1])]
+    expected = [d[c] + math.log(math.exp(-j) + sum(math.exp(-v) for v in d))
+                for d, c in zip(distances.tolist(), [0, 1])]
     np.testing.assert_allclose(T.rbf_loss(distances, labels, j), expected, rtol=1e-6)
     assert T.rbf(j).predict(distances).tolist() == [0, 2]  # nearest prototype
     # The gradient pushes the correct distance down and the others up.
@@ -201,7 +202,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert error.value.step == 6 and error.value.last_checkpoint == 4
     checkpoints = T.Checkpoints(tmp_path / "ckpt")
     assert checkpoints.latest_step() == 4
-    _, like = T.create_train_state(TinyCNN(rngs=nnx.Rngs(0, dropout=1), dropout=0.1), tiny_optimizer(8)[0], jax.random.key(0))
+    model = TinyCNN(rngs=nnx.Rngs(0, dropout=1), dropout=0.1)
+    _, like = T.create_train_state(model, tiny_optimizer(8)[0], jax.random.key(0))
     state, meta = checkpoints.restore(like)
     assert int(state.step) == 4 and meta["batch_in_epoch"] == 0 and meta["epoch"] == 1
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(state.params))
@@ -287,7 +289,8 @@ def test_sigkill_and_resume_reaches_the_same_final_state(tmp_path):
     a, b = np.load(straight / "state.npz"), np.load(killed / "state.npz")
     assert sorted(a.files) == sorted(b.files)
     assert all(np.array_equal(a[k], b[k]) for k in a.files), [k for k in a.files if not np.array_equal(a[k], b[k])]
-    assert without_times(T.read_jsonl(straight / "metrics.jsonl")) == without_times(T.read_jsonl(killed / "metrics.jsonl"))
+    logs = [without_times(T.read_jsonl(folder / "metrics.jsonl")) for folder in (straight, killed)]
+    assert logs[0] == logs[1]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["resume-child"]:

@@ -31,7 +31,9 @@ class Checkpoints:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep!r}")
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+            ),
         )
 
     def latest_step(self) -> int | None:

@@ -154,6 +154,14 @@ def fit(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     started = time.perf_counter()
     graphdef, state = create_train_state(model, tx, key)
+    parallel = data_parallel(
+        parallel,
+        lambda axis: make_train_step(
+            graphdef, tx, loss, learning_rate=learning_rate, preprocess=preprocess, augment=augment, axis_name=axis
+        ),
+        lambda axis: make_eval_step(graphdef, loss, preprocess=preprocess, axis_name=axis),
+        devices=devices,
+    )
     checkpoints = None if checkpoint_dir is None else Checkpoints(checkpoint_dir)
     last_saved = None if checkpoints is None else checkpoints.latest_step()
     if last_saved is not None:
@@ -170,14 +178,6 @@ def fit(
     step = int(state.step)
     records = [r for r in read_jsonl(metrics_path) if r["step"] <= step] if metrics_path and step else []
 
-    parallel = data_parallel(
-        parallel,
-        lambda axis: make_train_step(
-            graphdef, tx, loss, learning_rate=learning_rate, preprocess=preprocess, augment=augment, axis_name=axis
-        ),
-        lambda axis: make_eval_step(graphdef, loss, preprocess=preprocess, axis_name=axis),
-        devices=devices,
-    )
     placed = parallel.put_state(state)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
 

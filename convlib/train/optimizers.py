@@ -69,7 +69,8 @@ def make_optimizer(
 
     - ``"sgd"``: SGD with heavy-ball ``momentum`` (0 gives plain SGD); ``"nesterov"``: SGD with Nesterov momentum.
       Weight decay is coupled (L2 added to the gradient, as in He et al.).
-    - ``"adam"``: Adam with coupled L2 weight decay; ``"adamw"``: Adam with decoupled weight decay (Loshchilov & Hutter).
+    - ``"adam"``: Adam with coupled L2 weight decay; ``"adamw"``: Adam with decoupled weight decay (Loshchilov &
+      Hutter).
 
     ``decay_mask``: a pytree of bools or a callable ``params -> pytree of bools`` choosing the decayed parameters;
     by default kernels only (biases and BatchNorm parameters are left out). ``None`` decays every parameter.

@@ -50,7 +50,8 @@ class DataParallel:
         size = batch["label"].shape[0]
         if size % self.num_devices:
             raise ValueError(
-                f"batch size {size} is not divisible by the number of devices {self.num_devices} (parallel={self.mode!r})"
+                f"batch size {size} is not divisible by the number of devices {self.num_devices} "
+                f"(parallel={self.mode!r})"
             )
         return self._put_batch(batch)
 

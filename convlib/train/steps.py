@@ -80,7 +80,8 @@ def make_train_step(
             new_rest = _keep_keys(state.rest, new_rest)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        lr = jnp.nan if learning_rate is None else learning_rate(state.step) if callable(learning_rate) else learning_rate
+        lr = learning_rate(state.step) if callable(learning_rate) else learning_rate
+        lr = jnp.nan if lr is None else lr
         metrics = {
             "loss": value,
             "accuracy": accuracy,
