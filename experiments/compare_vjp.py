@@ -8,8 +8,8 @@
    float64 part runs inside `jax.enable_x64(True)` on arrays cast to float64; everything else stays float32.
 2. Whole models: the parameter gradients of a loss on one batch, custom vs autodiff, same parameters
    (float32 and float64), and the time of one forward + backward.
-3. Training: lenet5_modern trained on Fashion-MNIST from the same seed with each backward; the per-step losses
-   of the two runs and their largest difference.
+3. Training: lenet5_modern trained on Fashion-MNIST from the same seed with backward="custom" and with
+   "autodiff"; the per-step losses of the two runs and their largest difference.
 
 Writes into --out: layers.csv, layers.md, models.csv, training.csv, results.json, time_ratios.png,
 training.png.

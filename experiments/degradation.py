@@ -79,7 +79,8 @@ def plot(run, rows, args, dataset_name, machine):
         ax.set_xlabel("step")
         ax.set_title(("plain" if family == "plain" else "residual") + f" nets, widths {'-'.join(map(str, args.widths))}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     axes[0].set_ylabel("error (%)")
     fig.suptitle(f"{dataset_name} padded to 32x32, {args.steps} steps of {args.batch_size}; dashed: running training "
                  f"error, solid: test error ({machine})", fontsize=9)
@@ -109,8 +110,9 @@ def main(argv=None) -> dict:
                          "best_test_error": min(p["test_error"] for p in training.curve),
                          "train_images_per_s": training.result.images_per_s,
                          "wall_s": time.perf_counter() - started, "curve": training.curve})
-    run.write_csv("curves.csv", [{"model": r["model"], **p} for r in rows for p in r["curve"]])
-    plot(run, rows, args, dataset.name, machine)
+            # after every net, so that a run stopped early keeps what it finished
+            run.write_csv("curves.csv", [{"model": r["model"], **p} for r in rows for p in r["curve"]])
+            plot(run, rows, args, dataset.name, machine)
     by_name = {r["model"]: r for r in rows}
     shallow, deep = min(args.depths), max(args.depths)
     summary = {f"{family}: {deep} minus {shallow}, final {split} error":

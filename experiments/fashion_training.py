@@ -8,7 +8,6 @@ import dataclasses
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from convlib import data, train
@@ -131,13 +130,3 @@ def fit(model, dataset: Dataset, *, steps: int, batch_size: int, key: jax.Array,
                     for r in result.records if r["kind"] == "step"]
     return Training(curve, step_records, result)
 
-
-def accuracy(model, split: Split, batch_size: int = 500) -> float:
-    """Test accuracy of `model` (evaluation mode) on `split`."""
-    model.eval()
-    correct = 0
-    for start in range(0, split.labels.shape[0], batch_size):
-        logits = model(preprocess(split.images[start:start + batch_size]))
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == split.labels[start:start + batch_size]))
-    model.train()
-    return correct / split.labels.shape[0]

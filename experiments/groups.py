@@ -2,10 +2,13 @@
 with groups = 1, 2, 4 (the lecture: fewer parameters, a regularising effect).
 
 1. One 3x3 'same' conv, C -> C channels, groups 1, 2, 4, ..., C (depthwise): parameters (9 C^2 / g + C), forward
-   FLOPs, and the time of the forward and of forward + backward (hand-derived backward), median of repeats.
+   FLOPs, and the time of the forward, of dX and dW alone (hand-derived backward) and of forward + backward with
+   the hand-derived backward and with autodiff, median of repeats taken in turns.
 2. A small net built from convlib.nn layers: conv 3x3 (1 -> w1) - ReLU - conv (w1 -> w2, g) - ReLU - max-pool -
    conv (w2 -> w2, g) - ReLU - max-pool - conv (w2 -> w3, g) - ReLU - global average pool - linear, trained on
-   Fashion-MNIST for each g from the same seed(s); final train and test error and their gap.
+   Fashion-MNIST for each g from the same seed(s); final train and test error and their gap. On a CPU the grouped
+   convs run as one dense nn.Conv per group on channel slices (--implementation), the same function and
+   parameters, because XLA:CPU's grouped weight gradient is far slower than part 1's FLOPs suggest.
 
 Writes into --out: layer.csv, training.csv, results.json, groups_layer.png, groups_training.png.
 """
@@ -22,22 +25,46 @@ from tqdm.auto import tqdm
 
 import fashion_training
 import outputs
-from timing import median_time
+from timing import median_times
 
 from convlib import models, nn, ops
 
 
-class GroupedNet(nnx.Module):
-    """x (N, H, W, 1) -> logits (N, num_classes); every conv after the first has `groups` filter groups."""
+IMPLEMENTATIONS = ("conv", "split")
 
-    def __init__(self, groups: int, widths=(16, 32, 64), num_classes: int = 10, *, rngs: nnx.Rngs):
+
+class SplitConv(nnx.Module):
+    """A grouped 3x3 'same' conv as `groups` dense convs on channel slices, outputs concatenated: the same function
+    and parameters as nn.Conv(..., groups=groups), with a fast weight gradient on XLA:CPU (whose grouped one,
+    batch_group_count, runs 10-100x slower than the dense conv of the same size)."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, *, rngs: nnx.Rngs):
+        self.groups = groups
+        self.convs = nnx.List([nn.Conv(in_features // groups, out_features // groups, 3, padding=1, rngs=rngs)
+                               for _ in range(groups)])
+
+    def __call__(self, x):
+        parts = jnp.split(x, self.groups, axis=-1)
+        return jnp.concatenate([conv(part) for conv, part in zip(self.convs, parts)], axis=-1)
+
+
+class GroupedNet(nnx.Module):
+    """x (N, H, W, 1) -> logits (N, num_classes); every conv after the first has `groups` filter groups, computed
+    as one grouped nn.Conv (implementation "conv") or as `groups` dense nn.Convs on channel slices ("split")."""
+
+    def __init__(self, groups: int, widths=(16, 32, 64), num_classes: int = 10, *, implementation: str = "conv",
+                 rngs: nnx.Rngs):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         w1, w2, w3 = widths
-        self.convs = nnx.List([
-            nn.Conv(1, w1, 3, padding=1, rngs=rngs),
-            nn.Conv(w1, w2, 3, padding=1, groups=groups, rngs=rngs),
-            nn.Conv(w2, w2, 3, padding=1, groups=groups, rngs=rngs),
-            nn.Conv(w2, w3, 3, padding=1, groups=groups, rngs=rngs),
-        ])
+
+        def grouped(c_in, c_out):
+            if implementation == "split":
+                return SplitConv(c_in, c_out, groups, rngs=rngs)
+            return nn.Conv(c_in, c_out, 3, padding=1, groups=groups, rngs=rngs)
+
+        self.convs = nnx.List([nn.Conv(1, w1, 3, padding=1, rngs=rngs), grouped(w1, w2), grouped(w2, w2),
+                               grouped(w2, w3)])
         self.pool = nn.MaxPool(2)
         self.head = nn.GlobalAvgPool()
         self.fc = nnx.Linear(w3, num_classes, rngs=rngs)
@@ -55,9 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, default=None, help="C of the single layer (default: 4 smoke, 64 "
                    "default, 256 full)")
     p.add_argument("--layer-batch", type=int, default=None, help="batch of the single layer (default: 2 smoke, "
-                   "16 default, 128 full)")
+                   "8 default, 128 full)")
     p.add_argument("--layer-size", type=int, default=32, help="height = width of the single layer's input")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (default: 2 smoke, 7 default, 20 full)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default: 2 smoke, 5 default, 20 full)")
     p.add_argument("--train-groups", default=None, help="comma-separated groups of the trained nets (default: 1,2 "
                    "smoke, else 1,2,4)")
     p.add_argument("--widths", default=None, help="w1,w2,w3 of the small net (default: 4,8,16 smoke, 16,32,64 "
@@ -68,6 +95,10 @@ def parse_args(argv=None):
                    "--seed+1, ... (default: 1 smoke, 1 default, 3 full)")
     p.add_argument("--train-size", type=int, default=None, help="training images used (default: all; a smaller "
                    "set makes over-fitting, and so regularisation, visible)")
+    p.add_argument("--implementation", choices=("auto", *IMPLEMENTATIONS), default="auto",
+                   help="grouped convs of the trained nets: one grouped nn.Conv, or one dense nn.Conv per group on "
+                        "channel slices (same function and parameters); auto: split on a CPU, where XLA's grouped "
+                        "weight gradient is 10-100x slow (see groups_layer.png), else conv")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine)")
     fashion_training.add_data_flags(p)
@@ -75,8 +106,8 @@ def parse_args(argv=None):
     outputs.positive(p, args, "channels", "layer_batch", "layer_size", "repeats", "steps", "seeds", "train_size",
                      "batch_size", "lr")
     args.channels = args.channels or outputs.pick(args.size, 4, 64, 256)
-    args.layer_batch = args.layer_batch or outputs.pick(args.size, 2, 16, 128)
-    args.repeats = args.repeats or outputs.pick(args.size, 2, 7, 20)
+    args.layer_batch = args.layer_batch or outputs.pick(args.size, 2, 8, 128)
+    args.repeats = args.repeats or outputs.pick(args.size, 2, 5, 20)
     args.steps = args.steps or outputs.pick(args.size, 2, 600, 6000)
     args.seeds = args.seeds or outputs.pick(args.size, 1, 1, 3)
     try:
@@ -91,6 +122,8 @@ def parse_args(argv=None):
             args.train_groups) < 1:
         p.error(f"--widths must be 3 ints, each divisible by every --train-groups {args.train_groups}, got "
                 f"{args.widths}")
+    if args.implementation == "auto":
+        args.implementation = "split" if jax.default_backend() == "cpu" else "conv"
     return args
 
 
@@ -103,17 +136,24 @@ def layer_sweep(args, key) -> list[dict]:
     dy = jax.random.normal(kg, x.shape)
     for g in tqdm(groups, desc="groups", disable=args.no_progress):
         w = jax.random.normal(jax.random.fold_in(key, g), (3, 3, c // g, c)) / math.sqrt(9 * c / g)
-        forward = jax.jit(lambda x, w, g=g: ops.conv(x, w, padding=1, groups=g))
 
-        @jax.jit
-        def forward_backward(x, w, dy, g=g):
-            y, pull = jax.vjp(lambda x, w: ops.conv(x, w, padding=1, groups=g), x, w)
-            return y, *pull(dy)
+        def conv(x, w, backward="custom", g=g):
+            return ops.conv(x, w, padding=1, groups=g, backward=backward)
 
+        def pullback(backward, wrt):
+            def f(x, w, dy):
+                y, pull = jax.vjp(lambda x, w: conv(x, w, backward), x, w)
+                grads = pull(dy)
+                return (y, *grads) if wrt is None else grads[wrt]
+            return jax.jit(f)
+
+        calls = {"forward": jax.jit(lambda x, w, dy: conv(x, w)), "dX": pullback("custom", 0),
+                 "dW": pullback("custom", 1), "fwd+bwd": pullback("custom", None),
+                 "fwd+bwd autodiff": pullback("autodiff", None)}
+        times = median_times({name: (fn, (x, w, dy)) for name, fn in calls.items()}, repeats=args.repeats)
         rows.append({"groups": g, "depthwise": g == c, "parameters": 9 * c * c // g + c,
                      "gflop": 2 * x.shape[0] * args.layer_size ** 2 * c * 9 * c / g / 1e9,
-                     "forward_ms": 1e3 * median_time(forward, x, w, repeats=args.repeats),
-                     "fwd+bwd_ms": 1e3 * median_time(forward_backward, x, w, dy, repeats=args.repeats)})
+                     **{f"{name}_ms": 1e3 * t for name, t in times.items()}})
     return rows
 
 
@@ -123,7 +163,7 @@ def train_sweep(args) -> list[dict]:
     rows = []
     for seed in range(args.seed, args.seed + args.seeds):
         for g in args.train_groups:
-            model = GroupedNet(g, args.widths, rngs=nnx.Rngs(seed))
+            model = GroupedNet(g, args.widths, implementation=args.implementation, rngs=nnx.Rngs(seed))
             training = fashion_training.fit(
                 model, dataset, steps=args.steps, batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
                 key=jax.random.key(seed), evaluations=outputs.pick(args.size, 1, 6, 10), optimizer="adamw",
@@ -151,9 +191,11 @@ def plot_layer(run, rows, args, machine):
     par.set_title(f"3x3 conv {args.channels} -> {args.channels}: parameters and FLOPs ~ 1/groups")
     par.legend()
     par.grid(alpha=0.3, which="both")
-    for column, label in (("forward_ms", "forward"), ("fwd+bwd_ms", "forward + backward (custom)")):
-        line, = tim.plot(g, [r[column] for r in rows], "o-", label=label)
-        tim.plot(g, [rows[0][column] / x for x in g], ":", color=line.get_color(), label=f"{label}: ideal 1/groups")
+    for column, label, style in (("forward_ms", "forward", "o-"), ("dX_ms", "dX (custom)", "^-"),
+                                 ("dW_ms", "dW (custom)", "v-"), ("fwd+bwd_ms", "fwd + bwd (custom)", "s-"),
+                                 ("fwd+bwd autodiff_ms", "fwd + bwd (autodiff)", "x--")):
+        tim.plot(g, [r[column] for r in rows], style, label=label)
+    tim.plot(g, [rows[0]["fwd+bwd_ms"] / x for x in g], "k:", label="fwd + bwd at groups=1, / groups")
     tim.set_xscale("log", base=2)
     tim.set_yscale("log")
     tim.set_xlabel("groups")

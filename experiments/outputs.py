@@ -9,6 +9,7 @@ import datetime
 import io
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +78,19 @@ def machine() -> dict:
     }
 
 
+def source_version() -> dict:
+    """The git commit of this checkout and whether convlib/ had uncommitted changes when the run started."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convlib"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "convlib_modified": None}
+    return {"commit": commit or None, "convlib_modified": bool(dirty)}
+
+
 def describe(info: dict) -> str:
     """One line naming the machine of `machine()`, e.g. 'cpu: AMD EPYC ... (2 cores), JAX 0.10.2'."""
     where = f"{info['cpu']} ({info['cpu_cores']} cores)" if info["backend"] == "cpu" else info["device"]
@@ -86,12 +100,14 @@ def describe(info: dict) -> str:
 class Run:
     """The output folder of one experiment run: writes files atomically and, at the end, results.json.
 
-    results.json holds what the script passes to `finish`, plus the command, the flags, the machine and the wall time.
+    results.json holds what the script passes to `finish`, plus the command, the flags, the machine, the git commit
+    and the wall time.
     """
 
     def __init__(self, args: argparse.Namespace, argv: Sequence[str] | None):
         self.args, self.folder = args, args.out
         self.started = time.perf_counter()
+        self.git = source_version()
         self.command = " ".join(["python", sys.argv[0] if argv is None else "<main>", *(sys.argv[1:] if argv is None
                                                                                         else argv)])
         os.makedirs(self.folder, exist_ok=True)
@@ -134,6 +150,7 @@ class Run:
             "command": self.command,
             "config": vars(self.args),
             "machine": machine(),
+            "git": self.git,
             "wall_s": time.perf_counter() - self.started,
         }
         self.write_json("results.json", results)

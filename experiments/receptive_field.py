@@ -21,9 +21,6 @@ Writes into --out: fields.csv, networks.csv, results.json, rf_vs_depth.png, erf.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +32,9 @@ import outputs
 
 from convlib import models, ops
 
-CONTEXT_DILATIONS = lambda depth: [1, 1, *(2 ** i for i in range(1, depth - 1))][:depth]  # noqa: E731
+def context_dilations(depth: int) -> list[int]:
+    """Yu & Koltun's context module: dilations 1, 1, 2, 4, 8, ... (fields 3, 5, 9, 17, 33, ...)."""
+    return [1, 1, *(2 ** i for i in range(1, depth - 1))][:depth]
 
 
 def conv(kernel, stride=1, dilation=1):
@@ -52,7 +51,7 @@ STACKS = {
     "7x7 conv": lambda d: [conv(7)] * d,
     "3x3 conv, stride 2": lambda d: [conv(3, stride=2)] * d,
     "3x3 conv + 2x2 pool": lambda d: [conv(3), POOL] * d,
-    "dilated 3x3: 1,1,2,4,8,...": lambda d: [conv(3, dilation=r) for r in CONTEXT_DILATIONS(d)],
+    "dilated 3x3: 1,1,2,4,8,...": lambda d: [conv(3, dilation=r) for r in context_dilations(d)],
     "dilated 3x3: 2,2,2,...": lambda d: [conv(3, dilation=2)] * d,
 }
 

@@ -16,7 +16,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -174,8 +173,8 @@ def main(argv=None) -> dict:
     run = outputs.Run(args, argv)
     if args.from_run is not None:
         model, input_size, source = load_run(args.from_run)
-        dataset = fashion_training.load(args, train_size=None if not args.synthetic else 256,
-                                        test_size=args.images, pad_to=input_size, seed=args.seed)
+        dataset = fashion_training.load(args, train_size=1, test_size=args.images, pad_to=input_size,
+                                        seed=args.seed)
         training = None
     else:
         dataset = fashion_training.load(args, train_size=outputs.pick(args.size, 256, None, None),

@@ -24,7 +24,7 @@ def run_smoke(name, tmp_path, *flags):
     with open(tmp_path / "results.json") as f:
         written = json.load(f)
     assert written["machine"]["jax"] and written["machine"]["cpu_cores"] >= 1 and written["machine"]["date"]
-    assert written["config"]["size"] == "smoke" and written["wall_s"] > 0
+    assert written["config"]["size"] == "smoke" and written["wall_s"] > 0 and "commit" in written["git"]
     assert set(written) == set(results)
     return written
 
@@ -128,3 +128,25 @@ def test_bad_flags_are_argparse_errors(name, flags, capsys):
         script(name).parse_args(flags)
     assert raised.value.code == 2
     assert flags[0] in capsys.readouterr().err
+
+
+def test_groups_split_implementation_equals_grouped_conv():
+    """The CPU-friendly SplitConv computes the grouped conv's function, given the same weights."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    groups = script("groups")
+    grouped = groups.GroupedNet(2, (4, 8, 8), implementation="conv", rngs=nnx.Rngs(0))
+    split = groups.GroupedNet(2, (4, 8, 8), implementation="split", rngs=nnx.Rngs(1))
+    split.convs[0].kernel[...], split.convs[0].bias[...] = grouped.convs[0].kernel[...], grouped.convs[0].bias[...]
+    for conv, parts in zip(grouped.convs[1:], split.convs[1:]):
+        out = conv.out_features // 2
+        for i, part in enumerate(parts.convs):
+            part.kernel[...] = conv.kernel[..., i * out:(i + 1) * out]
+            part.bias[...] = conv.bias[i * out:(i + 1) * out]
+    split.fc.kernel[...], split.fc.bias[...] = grouped.fc.kernel[...], grouped.fc.bias[...]
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 1))
+    np.testing.assert_allclose(split(x), grouped(x), rtol=1e-5, atol=1e-5)
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(split, nnx.Param))) == sum(
+        p.size for p in jax.tree.leaves(nnx.state(grouped, nnx.Param)))
