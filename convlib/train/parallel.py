@@ -10,6 +10,10 @@ Modes (``PARALLEL_MODES``):
   the state replicated; XLA inserts the collectives, and BatchNorm statistics are those of the global batch.
 - ``"shard_map"``: ``jax.jit(jax.shard_map(...))`` over the same mesh with the explicit collectives of ``"pmap"``.
 
+``"sharding"`` and ``"shard_map"`` also span the devices of several processes (``convlib.train.distributed``): the
+mesh orders the devices by process, each process passes its rows of the global batch (process ``p`` holds rows
+``[p * B / P, (p + 1) * B / P)``), and every process passes the same initial state.
+
 All modes compute the same update as ``"none"`` on the global batch (up to float reassociation); dropout masks and
 augmentation differ under ``"pmap"``/``"shard_map"``, where each device draws its own.
 """
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convlib.train.state import TrainState
+from convlib.train.state import TrainState, is_prng_key
 
 PARALLEL_MODES = ("none", "pmap", "sharding", "shard_map")
 AXIS = "data"
@@ -38,6 +42,7 @@ class DataParallel:
 
     mode: str
     num_devices: int
+    num_local_devices: int
     train_step: Callable
     eval_step: Callable
     put_state: Callable[[TrainState], TrainState]
@@ -46,11 +51,13 @@ class DataParallel:
     _to_host: Callable
 
     def put_batch(self, batch: dict) -> dict:
-        """Places a global batch ``{"image": (B, ...), "label": (B,), ...}``; ``B`` must divide by the device count."""
+        """Places a batch ``{"image": (B, ...), "label": (B,), ...}``: the global batch, or across processes this
+        process's rows of it; ``B`` must divide by this process's device count."""
         size = batch["label"].shape[0]
-        if size % self.num_devices:
+        if size % self.num_local_devices:
+            where = "" if self.num_local_devices == self.num_devices else " of this process"
             raise ValueError(
-                f"batch size {size} is not divisible by the number of devices {self.num_devices} "
+                f"batch size {size} is not divisible by the number of devices{where} {self.num_local_devices} "
                 f"(parallel={self.mode!r})"
             )
         return self._put_batch(batch)
@@ -72,6 +79,20 @@ def _split_batch(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
+def _put_replicated(tree, sharding: NamedSharding):
+    """Copies ``tree`` to every device of ``sharding``. Across processes ``device_put`` takes host values (and
+    checks that every process passes the same); PRNG keys go as their raw data."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if is_prng_key(x):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(put, tree)
+
+
 def data_parallel(
     mode: str,
     make_train_step: Callable[[str | None], Callable],
@@ -83,17 +104,22 @@ def data_parallel(
 
     make_train_step / make_eval_step: ``axis_name -> step`` (``None`` for the modes without a named axis), e.g.
     ``functools.partial(convlib.train.make_train_step, graphdef, tx, loss)`` taking ``axis_name=``.
-    devices: the devices to use (default: all); ``"none"`` uses the first.
+    devices: the devices to use (default: all, of every process); ``"none"`` uses the first.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-    devices = list(jax.devices() if devices is None else devices)
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: d.process_index)
+    local = sum(d.process_index == jax.process_index() for d in devices)
+    if mode in ("none", "pmap") and local < len(devices):
+        raise ValueError(f"parallel={mode!r} runs on this process's devices only; across processes use "
+                         "'sharding' or 'shard_map'")
     identity = lambda x: x  # noqa: E731
     if mode == "none":
         device = devices[0]
         put = lambda tree: jax.device_put(tree, device)  # noqa: E731
         return DataParallel(
             mode,
+            1,
             1,
             jax.jit(make_train_step(None), donate_argnums=0),
             jax.jit(make_eval_step(None)),
@@ -106,6 +132,7 @@ def data_parallel(
     if mode == "pmap":
         return DataParallel(
             mode,
+            n,
             n,
             jax.pmap(make_train_step(AXIS), axis_name=AXIS, devices=devices, donate_argnums=0),
             jax.pmap(make_eval_step(AXIS), axis_name=AXIS, devices=devices),
@@ -137,10 +164,11 @@ def data_parallel(
     return DataParallel(
         mode,
         n,
+        local,
         train_step,
         eval_step,
-        lambda state: jax.device_put(state, replicated),
+        lambda state: _put_replicated(state, replicated),
         identity,
-        lambda batch: jax.device_put(batch, sharded),
+        lambda batch: jax.make_array_from_process_local_data(sharded, batch),
         identity,
     )
