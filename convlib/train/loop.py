@@ -39,8 +39,8 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class FitResult:
     """model: the module passed to ``fit``, updated in place with the final variables; state: the final
-    ``TrainState``; records: the metrics log (see ``fit``); images_per_s: training throughput of this process,
-    excluding its first (compiling) step; wall_s: wall time of this call."""
+    ``TrainState``; records: the metrics log (see ``fit``); images_per_s: training throughput (global batches),
+    excluding this process's first (compiling) step; wall_s: wall time of this call."""
 
     model: nnx.Module
     state: TrainState
@@ -50,7 +50,8 @@ class FitResult:
 
 
 def _padded(batch: dict, size: int) -> dict:
-    """Pads ``batch`` (B examples) with zeros to ``size`` examples and adds ``"mask": (size,)`` (1 real, 0 pad)."""
+    """Pads ``batch`` (B examples) with zeros to ``size`` examples, with ``"mask": (size,)`` (1 real, 0 pad; a
+    ``"mask"`` in ``batch`` is kept for its B rows)."""
     n = batch["label"].shape[0]
     if n > size:
         raise ValueError(f"eval batch of {n} examples is larger than the first eval batch ({size})")
@@ -58,7 +59,7 @@ def _padded(batch: dict, size: int) -> dict:
     return {
         "image": pad(batch["image"]),
         "label": pad(batch["label"]),
-        "mask": jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(size - n, jnp.float32)]),
+        "mask": pad(jnp.asarray(batch.get("mask", jnp.ones(n)), jnp.float32)),
     }
 
 
@@ -66,11 +67,12 @@ def evaluate(parallel: DataParallel, placed_state: TrainState, batches: Iterable
     """``{"loss", "accuracy", "count"}`` over all examples of ``batches`` (state placed by ``parallel.put_state``).
 
     Every batch is padded (and masked) to the size of the first, rounded up to a multiple of the device count, so one
-    compiled shape serves a ragged last batch."""
+    compiled shape serves a ragged last batch. Across processes, each passes its rows of every global batch, as many
+    batches as the others and of the same size (``convlib.train.distributed.process_batches``); the sums are global."""
     size, sums = None, []
     for batch in batches:
         if size is None:
-            size = -(-batch["label"].shape[0] // parallel.num_devices) * parallel.num_devices
+            size = -(-batch["label"].shape[0] // parallel.num_local_devices) * parallel.num_local_devices
         sums.append(parallel.eval_step(placed_state, parallel.put_batch(_padded(batch, size))))
     if not sums:
         raise ValueError("evaluation batches are empty")
@@ -123,7 +125,8 @@ def fit(
 
     Args:
       epoch_batches: ``epoch -> iterable of {"image": (B, H, W, C), "label": (B,)}``, at least ``steps_per_epoch``
-        batches. The order must depend only on (seed, epoch): a resumed run skips the batches already done.
+        batches. The order must depend only on (seed, epoch): a resumed run skips the batches already done. Across
+        processes (``convlib.train.distributed``), each process's rows of the global batches.
       key: typed PRNG key for augmentation, folded with the step number.
       loss: the objective (``CROSS_ENTROPY`` or ``rbf(j)``).
       learning_rate: the schedule given to ``tx``, to log it (optional).
@@ -135,10 +138,11 @@ def fit(
       checkpoint_dir: Orbax checkpoints, every ``checkpoint_every`` steps (0: none on the way) and at the end.
         A folder that already holds one raises ``ValueError`` unless ``resume``: then the run continues from the
         newest and reaches the same final state as an uninterrupted run.
-      metrics_path: JSON-lines log, rewritten atomically at every epoch end and checkpoint. Step records:
+      metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end and checkpoint; every
+        process reads it back on resume. Step records:
         ``{"kind": "step", "step", "epoch", "loss", "accuracy", "grad_norm", "learning_rate", "batch_size",
-        "time_s", "images_per_s"}`` (time includes fetching the batch; a process's first step includes
-        compilation). Epoch records: ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy",
+        "time_s", "images_per_s"}`` (``batch_size``: the global batch; time includes fetching the batch; a
+        process's first step includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy",
         "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up to the checkpoint are read back,
         so the log equals an uninterrupted run's, timings aside.
       progress: show a tqdm progress bar and a line per epoch.
@@ -182,7 +186,7 @@ def fit(
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
 
     def write_log():
-        if metrics_path is not None:
+        if metrics_path is not None and jax.process_index() == 0:
             write_jsonl(metrics_path, records)
 
     def save():
@@ -209,10 +213,11 @@ def fit(
             batches = itertools.islice(epoch_batches(epoch), step - first, end - first)
             tick = time.perf_counter()
             for batch in batches:
-                placed, metrics = parallel.train_step(placed, parallel.put_batch(batch))
+                batch = parallel.put_batch(batch)
+                placed, metrics = parallel.train_step(placed, batch)
                 metrics = parallel.host_metrics(metrics)
                 now = time.perf_counter()
-                size = int(batch["label"].shape[0])
+                size = int(batch["label"].size)  # the global batch, also when split across devices or processes
                 record = {"kind": "step", "step": step + 1, "epoch": epoch, **metrics, "batch_size": size,
                           "time_s": now - tick, "images_per_s": size / (now - tick)}
                 records.append(record)
