@@ -2,6 +2,10 @@
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a process killed while saving
 leaves the previous checkpoints intact, and ``latest_step`` only sees complete ones.
+
+Across processes (``convlib.train.distributed``), every process opens the same directory (storage they all see) and
+calls ``save`` / ``restore`` together: Orbax writes each array once, from the process holding it, and process 0 (the
+primary host) creates and finalises the folder, with barriers between them.
 """
 
 import os
@@ -32,7 +36,10 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=False,
+                create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
             ),
         )
 
