@@ -72,7 +72,7 @@ def test_builder_prepares_and_reads_back_exactly(tmp_path, gz):
         np.testing.assert_array_equal(labels, arrays[f"{split}_labels"])
 
     # The prepared folder stands on its own: TFDS reads it back without convlib's builder.
-    path = data_dir / "convlib_idx" / "fashion_mnist" / "1.0.0"
+    path = data_dir / "convlib_idx" / "fashion_mnist" / str(data.IdxImages.VERSION)
     builder = tfds.builder_from_directory(path)
     assert {s: builder.info.splits[s].num_examples for s in ("train", "test")} == {"train": 12, "test": 5}
     source = builder.as_data_source(split="test")

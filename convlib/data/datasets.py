@@ -4,7 +4,7 @@
 ``Tensor`` features (no ``Image`` feature: encoding it needs TensorFlow). Its configs are
 ``fashion_mnist`` and ``mnist``; the source folder with the four IDX files is TFDS's
 ``manual_dir`` (``tfds.download.DownloadConfig(manual_dir=...)``, or ``tfds build
---manual_dir``). Prepared data lives in ``<data_dir>/convlib_idx/<name>/1.0.0/``.
+--manual_dir``). Prepared data lives in ``<data_dir>/convlib_idx/<name>/<VERSION>/``.
 
 ``load`` is the entry point for training code: find the IDX files, prepare once, read back
 through the TFDS data source.
@@ -42,8 +42,8 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
     """Grayscale image classification from the four standard IDX files in ``manual_dir``."""
 
     name = "convlib_idx"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Images stored as raw bytes (Tensor BYTES encoding)."}
     BUILDER_CONFIGS = [
         IdxConfig(name="fashion_mnist", class_names=FASHION_MNIST_CLASSES,
                   description="Fashion-MNIST (Xiao et al. 2017), 60k train / 10k test."),
