@@ -8,13 +8,21 @@ the CPU, to >= 91 % test accuracy in a few minutes:
 Writes into --out: metrics.jsonl (every step and epoch), curves.png, results.json (test accuracy, wall time,
 images/s, configuration, machine) and checkpoints/ (Orbax; --resume continues from the newest). Prints the final
 test accuracy.
+
+Several processes (hosts) train one model with --parallel sharding: run the same command on every host, adding
+--coordinator HOST:PORT (process 0's address) --num-processes N --process-id I, or --coordinator auto under SLURM,
+Open MPI or on a TPU pod slice. Process 0 alone writes --out's files; --checkpoint-dir must be storage every
+process sees. See MULTIHOST.md.
 """
 
 import argparse
 import json
 import os
+import sys
 
 import outputs
+
+from convlib.train import distributed
 
 
 # Per-model defaults of --model-option. The main job widens lenet5_modern's feature maps from LeNet-5's (6, 16) to
@@ -70,13 +78,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and dropout")
     add("--out", default=None, help="output folder (default: runs/<model>_<dataset>)")
     add("--checkpoint-every", type=int, default=1000, help="save a checkpoint every this many steps (and at the end)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add("--checkpoint-dir", default=None, help="Orbax checkpoints (default: --out/checkpoints); with several "
+        "processes, a folder all of them see (shared file system)")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--coordinator", default=None, metavar="HOST:PORT|auto", help="train across processes (hosts): process 0's "
+        "address, where it listens and the others connect; 'auto': read the cluster's environment (SLURM, Open MPI, "
+        "TPU pod slice); needs --parallel sharding or shard_map")
+    add("--num-processes", type=int, default=None, help="number of processes, with --coordinator HOST:PORT")
+    add("--process-id", type=int, default=None, help="this process's index in [0, --num-processes)")
+    add("--distributed-timeout", type=int, default=300, help="seconds to wait at start-up for the coordinator and "
+        "every process before stopping with an error")
+    add("--heartbeat-timeout", type=int, default=100, help="seconds of silence after which a process (or the "
+        "coordinator) counts as dead and the others stop")
     args = p.parse_args(argv)
-    outputs.positive(p, args, "batch_size", "eval_batch_size", "epochs", "steps", "lr", "input_size", "synthetic")
+    outputs.positive(p, args, "batch_size", "eval_batch_size", "epochs", "steps", "lr", "input_size", "synthetic",
+                     "num_processes", "distributed_timeout", "heartbeat_timeout")
+    check_distributed_flags(p, args)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.model}_{'synthetic' if args.synthetic else args.dataset}")
     return args
+
+
+def check_distributed_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error naming the flag unless --coordinator, --num-processes and --process-id fit together."""
+    if args.coordinator is None:
+        for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
+            if value is not None and not (flag == "--num-processes" and value == 1):
+                p.error(f"{flag} {value} needs --coordinator HOST:PORT (process 0's address) or --coordinator auto")
+        return
+    if args.parallel not in ("sharding", "shard_map"):
+        p.error(f"--coordinator needs --parallel sharding or shard_map, got --parallel {args.parallel}")
+    if args.coordinator == distributed.AUTO:
+        return
+    try:
+        distributed.parse_address(args.coordinator)
+    except ValueError:
+        p.error(f"--coordinator must be HOST:PORT or auto, got {args.coordinator!r}")
+    for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
+        if value is None:
+            p.error(f"--coordinator {args.coordinator} needs {flag}")
+    if not 0 <= args.process_id < args.num_processes:
+        p.error(f"--process-id {args.process_id} is out of range for --num-processes {args.num_processes} "
+                f"(0 to {args.num_processes - 1})")
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Joins the multi-process run of --coordinator (before any other JAX call); exits naming the coordinator when
+    it cannot be reached."""
+    who = "" if args.process_id is None else f"process {args.process_id} of {args.num_processes}: "
+    print(f"{who}joining the run coordinated by {args.coordinator} (timeout {args.distributed_timeout} s)",
+          file=sys.stderr, flush=True)
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               timeout_s=args.distributed_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+    except (ValueError, distributed.CoordinatorUnreachableError) as error:
+        raise SystemExit(f"{who}{error}") from error
 
 
 def model_options(pairs: list[str]) -> dict:
@@ -94,7 +151,10 @@ def model_options(pairs: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
+    """Trains and returns the results (on processes other than 0: ``{}``; process 0 writes them)."""
     args = parse_args(argv)
+    if args.coordinator is not None:
+        join_processes(args)
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -103,7 +163,11 @@ def main(argv=None) -> dict:
 
     from convlib import data, models, train
 
-    run = outputs.Run(args, argv)
+    primary = jax.process_index() == 0
+    if args.parallel != "none" and args.batch_size % jax.device_count():
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {jax.device_count()} devices "
+                         f"({jax.process_count()} processes) of --parallel {args.parallel}")
+    run = outputs.Run(args, argv) if primary else None
     key = jax.random.key(args.seed)
     data_key, train_key = jax.random.split(key)
 
@@ -154,7 +218,8 @@ def main(argv=None) -> dict:
     result = train.fit(
         model,
         tx,
-        lambda epoch: data.batches(jax.random.fold_in(data_key, epoch), train_images, train_labels, args.batch_size),
+        lambda epoch: distributed.process_batches(jax.random.fold_in(data_key, epoch), train_images, train_labels,
+                                                  args.batch_size),
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         max_steps=total_steps,
@@ -163,15 +228,17 @@ def main(argv=None) -> dict:
         learning_rate=schedule,
         preprocess=preprocess,
         augment=augment if (args.crop_padding or args.flip) else None,
-        eval_batches=lambda: data.batches(key, test_images, test_labels, args.eval_batch_size, shuffle=False,
-                                          drop_remainder=False),
+        eval_batches=lambda: distributed.process_batches(key, test_images, test_labels, args.eval_batch_size,
+                                                         shuffle=False, drop_remainder=False),
         parallel=args.parallel,
-        checkpoint_dir=run.path("checkpoints"),
+        checkpoint_dir=args.checkpoint_dir or os.path.join(args.out, "checkpoints"),
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        metrics_path=run.path("metrics.jsonl"),
-        progress=not args.no_progress,
+        metrics_path=os.path.join(args.out, "metrics.jsonl"),
+        progress=primary and not args.no_progress,
     )
+    if not primary:
+        return {}
     final = [r for r in result.records if r["kind"] == "epoch"][-1]
     train.plot_history(result.records, run.path("curves.png"))
     results = run.finish({
