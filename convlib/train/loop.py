@@ -142,8 +142,8 @@ def fit(
         process reads it back on resume. Step records:
         ``{"kind": "step", "step", "epoch", "loss", "accuracy", "grad_norm", "learning_rate", "batch_size",
         "time_s", "images_per_s"}`` (``batch_size``: the global batch; time includes fetching the batch; a
-        process's first step includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy",
-        "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up to the checkpoint are read back,
+        process's first step includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch",
+        "train_loss", "train_accuracy", "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up to the checkpoint are read back,
         so the log equals an uninterrupted run's, timings aside.
       progress: show a tqdm progress bar and a line per epoch.
 
