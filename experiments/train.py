@@ -127,7 +127,9 @@ def join_processes(args: argparse.Namespace) -> None:
     """Joins the multi-process run of --coordinator (before any other JAX call); exits naming the coordinator when
     it cannot be reached."""
     who = "" if args.process_id is None else f"process {args.process_id} of {args.num_processes}: "
-    print(f"{who}joining the run coordinated by {args.coordinator} (timeout {args.distributed_timeout} s)",
+    where = ("described by the cluster's environment" if args.coordinator == distributed.AUTO
+             else f"coordinated by {args.coordinator}")
+    print(f"{who}joining the multi-process run {where} (timeout {args.distributed_timeout} s)",
           file=sys.stderr, flush=True)
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,

@@ -93,7 +93,8 @@ def read_checkpoint(path) -> dict[str, np.ndarray]:
     """Every array of an Orbax ``TrainState`` checkpoint, by path, as numpy."""
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
-    restored = checkpointer.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(path, restore_args=as_numpy)
     return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
@@ -155,6 +156,16 @@ def test_process_without_coordinator_stops_naming_it(tmp_path):
     assert code != 0 and time.monotonic() - started >= 5
     message = tail(tmp_path / "lonely.log", 3)
     assert f"no coordinator answered at {address} within 5 s" in message, message
+
+
+def test_auto_outside_a_cluster_says_so(tmp_path):
+    cluster = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_")  # what JAX's auto-detection reads
+    env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
+    done = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--coordinator", "auto", "--distributed-timeout", "5",
+                           "--out", str(tmp_path)], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert "coordinator='auto': JAX found no cluster environment" in done.stderr, done.stderr[-2000:]
 
 
 def test_global_batch_not_divisible_by_devices_is_named(tmp_path):
