@@ -58,11 +58,12 @@ def tail(path, lines: int = 15) -> str:
         return "".join([line for line in f if not line.startswith(("W0", "I0", "[Gloo]"))][-lines:])
 
 
-def run_together(tmp_path, runs: dict[str, tuple[list[str], int]], deadline_s: float = DEADLINE_S) -> None:
-    """Starts ``{name: (args, devices)}`` at once and waits for all; on the first failure (or the deadline) kills
-    every survivor's process group and fails naming the culprit with the tail of its log."""
+def run_together(tmp_path, runs: dict[str, tuple[list[str], int]], deadline_s: float = DEADLINE_S,
+                 procs: dict | None = None) -> None:
+    """Starts ``{name: (args, devices)}`` at once (into ``procs``) and waits for all; on the first failure (or the
+    deadline) kills every survivor's process group and fails naming the culprit with the tail of its log."""
     logs = {name: tmp_path / f"{name}.log" for name in runs}
-    procs = {}
+    procs = {} if procs is None else procs
     try:
         for name, (args, devices) in runs.items():
             with open(logs[name], "w") as log:
@@ -141,6 +142,17 @@ def test_only_process_zero_writes_files(runs):
     assert sorted(os.listdir(tmp / "out0")) == ["curves.png", "metrics.jsonl", "results.json"]
     assert not (tmp / "out1").exists()
     assert "test accuracy:" in tail(tmp / "process0.log") and "test accuracy:" not in tail(tmp / "process1.log")
+
+
+def test_a_failed_process_gets_its_peer_killed(tmp_path):
+    runs = two_processes(tmp_path)
+    runs["process1"][0].extend(["--process-id", "5"])  # exits at once; process 0 would wait for it for 300 s
+    procs, started = {}, time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="process1 exited with 2; killed the others") as failure:
+        run_together(tmp_path, runs, procs=procs)
+    assert "--process-id 5 is out of range for --num-processes 2" in str(failure.value)
+    assert time.monotonic() - started < 60 and all(proc.poll() is not None for proc in procs.values())
+    assert procs["process0"].returncode == -signal.SIGKILL
 
 
 def test_process_without_coordinator_stops_naming_it(tmp_path):

@@ -95,7 +95,7 @@ def initialize(
         raise ValueError(f"process_id must be in [0, {num_processes}) for num_processes={num_processes}, "
                          f"got {process_id!r}")
     started = time.monotonic()
-    if process_id > 0:  # the runtime would abort the process after its timeout with a message lacking the address
+    if process_id > 0:  # else the runtime aborts the process after the timeout, without naming the address
         wait_for_coordinator(coordinator, timeout_s)
     timeouts["initialization_timeout"] = max(1, math.ceil(timeout_s - (time.monotonic() - started)))
     jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
