@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import fashion_training
 import outputs
+from agreement import errors
 from timing import median_times
 
 from convlib import models, ops
@@ -141,20 +142,6 @@ def parse_args(argv=None):
     if args.train_steps is None:
         args.train_steps = outputs.pick(args.size, 2, 300, 2000)
     return args
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def errors(a, b) -> tuple[float, float]:
-    """(max |a - b|, max |a - b| / max |b|) over all leaves of two pytrees, computed in float64 NumPy."""
-    diffs, scales = [], []
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        diffs.append(np.max(np.abs(x - y), initial=0.0))
-        scales.append(np.max(np.abs(y), initial=0.0))
-    diff, scale = max(diffs), max(scales)
-    return float(diff), float(diff / scale) if scale else float(diff)
 
 
 # --------------------------------------------------------------------------- layer grid

@@ -220,7 +220,7 @@ def plot_training(run, rows):
             curves.plot(steps, [p["train_error"] for p in r["curve"]], "--", color=color, label=label("train"))
     curves.set_xlabel("step")
     curves.set_ylabel("error")
-    curves.set_title(f"small net on {rows[0]['dataset']}: test (solid) and running train (dashed) error")
+    curves.set_title(f"small net on {rows[0]['dataset']}: test (solid), running train (dashed)", fontsize=10)
     curves.legend(fontsize=8)
     curves.grid(alpha=0.3)
     x = np.arange(len(groups))

@@ -6,8 +6,8 @@ For a sweep of 3x3 'same' convolutions (N, H, H, C) -> (N, H, H, C), growing in 
   (jit, float32), median of repeated calls;
 - forward + backward time of im2col (JAX autodiff through the patch matrix and the matrix product) and of lax
   with the hand-derived backward ("custom") and with autodiff;
-- agreement: max abs error of each forward against the loops (float64 oracle), in float32 and float64, and of the
-  im2col gradients against lax's. The loops have no backward of their own: their gradient is checked only by
+- agreement: max relative error (max|a - b| / max|b|) of each forward against the loops (float64 oracle), in
+  float32 and float64, and of the im2col and hand-derived gradients against lax's autodiff (float32). The loops have no backward of their own: their gradient is checked only by
   central finite differences of <G, loops(X, W)> along random directions, at the smallest size, and not timed.
 
 Writes into --out: implementations.csv, results.json, time_vs_flops.png.
@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import outputs
+from agreement import errors
 from timing import median_time
 
 from convlib import ops
@@ -57,10 +58,6 @@ def arrays(key, n, h, c, dtype=jnp.float32):
     w = jax.random.normal(kw, (KERNEL, KERNEL, c, c), dtype) / math.sqrt(KERNEL * KERNEL * c)
     g = jax.random.normal(kg, (n, h, h, c), dtype)  # 'same' padding: the output has the input's shape
     return x, w, g
-
-
-def max_abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 def gradient_functions():
@@ -100,7 +97,7 @@ def finite_difference_check(key, fd_step: float) -> dict:
         _, dx, dw = gradient_functions()["lax (custom backward)"](x, w, g)
         x, w, g, dx, dw = map(np.asarray, (x, w, g, dx, dw))
         for name, grad in (("dX", dx), ("dW", dw)):
-            errors = []
+            relative = []
             for _ in range(3):
                 v = rng.standard_normal(grad.shape)
 
@@ -110,8 +107,8 @@ def finite_difference_check(key, fd_step: float) -> dict:
 
                 numeric = (loss(fd_step) - loss(-fd_step)) / (2 * fd_step)
                 analytic = float(np.sum(grad * v))
-                errors.append(abs(numeric - analytic) / abs(analytic))
-            result[f"loops_fd_{name}_rel_error"] = max(errors)
+                relative.append(abs(numeric - analytic) / abs(analytic))
+            result[f"loops_fd_{name}_rel_error"] = max(relative)
     return result
 
 
@@ -123,12 +120,12 @@ def measure(key, n, h, c, args, grads) -> dict:
     forwards = {"im2col": jax.jit(lambda x, w: ops.conv_im2col(x, w, **OPTIONS)),
                 "lax": jax.jit(lambda x, w: ops.conv_lax(x, w, **OPTIONS))}
     for name, fn in forwards.items():
-        row[f"{name}_err32"] = max_abs(fn(x, w), reference)
+        row[f"{name}_rel32"] = errors(fn(x, w), reference)[1]
         row[f"{name}_forward_ms"] = 1e3 * median_time(fn, x, w, repeats=args.repeats)
     with jax.enable_x64(True):
         x64, w64 = (jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w))
         for name, fn in forwards.items():
-            row[f"{name}_err64"] = max_abs(fn(x64, w64), reference)
+            row[f"{name}_rel64"] = errors(fn(x64, w64), reference)[1]
     row["loops_forward_ms"] = (1e3 * time_numpy(lambda: ops.conv_loops(x, w, **OPTIONS), min(args.repeats, 3))
                                if flops / 1e9 <= args.loops_max_gflop else None)
     results = {name: fn(x, w, g) for name, fn in grads.items()}
@@ -136,8 +133,8 @@ def measure(key, n, h, c, args, grads) -> dict:
         row[f"{name}_fwd+bwd_ms"] = 1e3 * median_time(fn, x, w, g, repeats=args.repeats)
     lax = results["lax (autodiff)"]
     for name in ("im2col (autodiff)", "lax (custom backward)"):
-        row[f"{name}_dX_err"] = max_abs(results[name][1], lax[1])
-        row[f"{name}_dW_err"] = max_abs(results[name][2], lax[2])
+        row[f"{name}_dX_rel32"] = errors(results[name][1], lax[1])[1]
+        row[f"{name}_dW_rel32"] = errors(results[name][2], lax[2])[1]
     return row
 
 
@@ -186,9 +183,10 @@ def main(argv=None) -> dict:
     run.write_csv("implementations.csv", rows)
     plot(run, rows, machine)
     summary = {
-        "max_forward_err32": max(max(r["im2col_err32"], r["lax_err32"]) for r in rows),
-        "max_forward_err64": max(max(r["im2col_err64"], r["lax_err64"]) for r in rows),
-        "max_gradient_err32": max(max(r[k] for k in r if k.endswith(("_dX_err", "_dW_err"))) for r in rows),
+        "max_forward_rel_error_float32": max(max(r["im2col_rel32"], r["lax_rel32"]) for r in rows),
+        "max_forward_rel_error_float64": max(max(r["im2col_rel64"], r["lax_rel64"]) for r in rows),
+        "max_gradient_rel_error_float32": max(max(r[k] for k in r if k.endswith(("_dX_rel32", "_dW_rel32")))
+                                              for r in rows),
         **finite_difference_check(jax.random.fold_in(key, 99), args.fd_step),
     }
     return run.finish({"summary": summary, "sizes": rows})
