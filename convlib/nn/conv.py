@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from convlib import ops
 from convlib.nn.validation import (
@@ -45,6 +48,9 @@ class Conv(nnx.Module):
       param_dtype: dtype the parameters are stored in.
       kernel_init: `init(key, shape, dtype)`; default He normal (:func:`he_normal`).
       bias_init: default zeros.
+      output_sharding: a mesh axis name to split the output channels over (model
+        parallelism, see `convlib.train.model_parallel`); needs an active mesh
+        (`jax.set_mesh`). None: XLA decides.
       rngs: `nnx.Rngs` with a `params` (or `default`) stream.
     """
 
@@ -67,6 +73,7 @@ class Conv(nnx.Module):
         param_dtype=jnp.float32,
         kernel_init=None,
         bias_init=nnx.initializers.zeros,
+        output_sharding: str | None = None,
         rngs: nnx.Rngs,
     ):
         in_features = check_positive_int("in_features", in_features)
@@ -89,6 +96,7 @@ class Conv(nnx.Module):
         self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
         self.padding_mode = padding_mode
         self.dtype, self.param_dtype = dtype, param_dtype
+        self.output_sharding = output_sharding
 
         c_in = in_features // groups
         shape = (
@@ -115,7 +123,29 @@ class Conv(nnx.Module):
         params = (self.kernel[...],) + (() if self.bias is None else (self.bias[...],))
         dtype = self.dtype or jnp.result_type(x, *params)
         x, *params = (jnp.asarray(a, dtype) for a in (x, *params))
-        return ops.conv(
-            x, *params, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+        conv = functools.partial(
+            ops.conv, stride=self.stride, padding=self.padding, dilation=self.dilation,
             padding_mode=self.padding_mode, layout=self.layout, backward=self.backward,
         )
+        if self.output_sharding is None:
+            return conv(x, *params, groups=self.groups)
+        return self._split_conv(conv, x, params)
+
+    def _split_conv(self, conv, x, params):
+        """Each device computes its share of the output channels (`shard_map` over `output_sharding`).
+
+        groups divisible by the device count: a device reads only its own input channels (the paper's
+        columns); groups=1: every device reads all input channels (XLA gathers them first).
+        """
+        axis, channel = self.output_sharding, -1 if self.layout == "NHWC" else 1
+        devices = jax.sharding.get_abstract_mesh().shape[axis]
+        if self.groups % devices and self.groups != 1:
+            raise ValueError(f"groups={self.groups} must be 1 or divisible by the {devices} devices of {axis!r}")
+        split = [None] * x.ndim
+        split[channel] = axis
+        kernel = [None] * x.ndim
+        kernel[channel if self.layout == "NHWC" else 0] = axis
+        x_spec = P(*split) if self.groups > 1 else P()
+        per_device = functools.partial(conv, groups=max(self.groups // devices, 1))
+        in_specs = (x_spec, P(*kernel)) + ((P(axis),) if len(params) == 2 else ())
+        return jax.shard_map(per_device, in_specs=in_specs, out_specs=P(*split))(x, *params)

@@ -5,6 +5,7 @@ from convlib.train.atomic_files import read_jsonl, write_json, write_jsonl
 from convlib.train.checkpoints import Checkpoints
 from convlib.train.loop import EpochBatches, FitResult, NonFiniteLossError, evaluate, fit
 from convlib.train.losses import CROSS_ENTROPY, Loss, make_loss, rbf, rbf_loss, softmax_cross_entropy
+from convlib.train.model_parallel import shard_output_channels
 from convlib.train.optimizers import OPTIMIZERS, SCHEDULES, decay_kernels_only, make_optimizer, make_schedule
 from convlib.train.parallel import PARALLEL_MODES, DataParallel, data_parallel
 from convlib.train.plots import plot_history
@@ -15,6 +16,6 @@ __all__ = [
     "CROSS_ENTROPY", "OPTIMIZERS", "PARALLEL_MODES", "SCHEDULES", "Checkpoints", "DataParallel", "EpochBatches",
     "FitResult", "Loss", "NonFiniteLossError", "TrainState", "create_train_state", "data_parallel",
     "decay_kernels_only", "evaluate", "fit", "make_eval_step", "make_loss", "make_optimizer", "make_schedule",
-    "make_train_step", "plot_history", "rbf", "rbf_loss", "read_jsonl", "softmax_cross_entropy", "split_model",
+    "make_train_step", "plot_history", "rbf", "rbf_loss", "read_jsonl", "shard_output_channels", "softmax_cross_entropy", "split_model",
     "write_json", "write_jsonl",
 ]
