@@ -237,17 +237,21 @@ def _textbook_backward(geometry: Geometry, residuals, g):
     return dx, dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _custom_conv(x, w, b, geometry: Geometry):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _custom_conv(x, w, b, geometry: Geometry, backward: str):
     return _forward(x, w, b, geometry)
 
 
-def _custom_conv_fwd(x, w, b, geometry):
+def _custom_conv_fwd(x, w, b, geometry, backward):
     return _forward(x, w, b, geometry), (x, w, b)
 
 
-def _custom_conv_bwd(geometry, residuals, g):
-    grads = _textbook_backward(geometry, residuals, g)
+def _custom_conv_bwd(geometry, backward, residuals, g):
+    """Runs the strategy `backward` names: "textbook" (the lecture's) or "custom" (`fast_backward`)."""
+    from convlib.ops import fast_backward  # it builds on this module's textbook pieces
+
+    strategy = fast_backward.backward if backward == "custom" else _textbook_backward
+    grads = strategy(geometry, residuals, g)
     return jax.tree.map(sum_to_primal_axes, grads, residuals)
 
 
@@ -303,7 +307,7 @@ def conv(
     x, geometry = pad_input(x, geometry)
     if backward == "autodiff":
         return _forward(x, w, b, geometry)
-    return _custom_conv(x, w, b, geometry)
+    return _custom_conv(x, w, b, geometry, backward)
 
 
 def convolve(x, w, b=None, **kwargs):

@@ -1,10 +1,15 @@
-"""Faster exact backward formulations of :func:`convlib.ops.conv` (`backward="custom"`).
+"""Faster exact backward formulations of :func:`convlib.ops.conv`, and the static dispatch of `backward="custom"`.
 
-Same notation as :mod:`convlib.ops.conv`: per spatial dim the input has size
-`H`, the kernel `K` with dilation `d`, stride `s`, padding `(lo, hi)`, output
-`H_out`, and `G = dE/dY`. Each formulation computes the same sums as the
-textbook one, in another order, and skips only products with the zeros the
-textbook inserts; results agree to float rounding.
+Same notation as :mod:`convlib.ops.conv`: per spatial dim the input has size `H`, the kernel `K` taps with
+dilation `d`, stride `s`, padding `(lo, hi)`, output `H_out`; `G = dE/dY`. Each formulation computes the
+textbook sums in another order and skips only the products with the zeros the textbook inserts: results
+agree with it to float rounding.
+
+:func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
+experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D convs run as 2-D ones; grouped convs (not plain depthwise) as
+one conv per group; then dX by phases when strided, by col2im when the channels are few, else textbook; dW in
+batch chunks that fit the L2 cache. Other backends run the textbook formulation, which their conv libraries
+take natively.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import dataclasses
 import itertools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convlib.ops.conv import input_gradient
+from convlib.ops.conv import bias_gradient, input_gradient, weight_gradient
 from convlib.ops.geometry import Geometry
-from convlib.ops.windows import full_rank
+from convlib.ops.windows import full_rank, scatter_back, window_offsets
 
 
 # --------------------------------------------------------------------------- input gradient by phases
@@ -81,27 +87,245 @@ def input_gradient_by_phases(g, w, geometry: Geometry, in_spatial):
     Each phase is :func:`convlib.ops.conv.input_gradient` (groups included); phases
     no tap reaches are zero. g: (N, *out, C_out) or channels first. Returns the input's shape.
     """
-    n = geometry.ndim
     per_dim = [
         [_phase(t, h, k, s, d, lo) for t in range(s)]
         for h, k, s, d, (lo, _) in zip(in_spatial, geometry.kernel, geometry.stride, geometry.dilation, geometry.padding)
     ]
-    blocks = [-(-h // s) for h, s in zip(in_spatial, geometry.stride)]
-    parts = []
-    for phases in itertools.product(*per_dim):
-        sizes = tuple(p.size for p in phases)
-        if any(p.taps == 0 for p in phases) or 0 in sizes:
-            shape = full_rank(geometry, sizes, None)
-            part = jnp.zeros([g.shape[a] if v is None else v for a, v in enumerate(shape)], g.dtype)
-            part = part if geometry.layout == "NHWC" else part  # channel count fixed below
-        else:
-            sub = dataclasses.replace(
-                geometry,
-                kernel=tuple(p.taps for p in phases),
-                stride=(1,) * n,
-                dilation=tuple(p.dilation for p in phases),
-                padding=tuple((p.lo, 0) for p in phases),
-            )
-            part = input_gradient(g, _sub_kernel(w, phases, geometry), sub, sizes)
-        parts.append(part)
-    return parts, blocks
+    dx = jnp.zeros(_input_shape(g, w, geometry, in_spatial), g.dtype)
+    for t, phases in zip(itertools.product(*map(range, geometry.stride)), itertools.product(*per_dim)):
+        if all(p.taps and p.size for p in phases):
+            dx = dx + _place(_phase_gradient(g, w, geometry, phases), t, geometry, in_spatial)
+    return dx
+
+
+def _input_shape(g, w, geometry: Geometry, in_spatial) -> tuple[int, ...]:
+    """(N, *in_spatial, C_in) or (N, C_in, *in_spatial)."""
+    c_in = geometry.groups * w.shape[geometry.ndim if geometry.layout == "NHWC" else 1]
+    spatial = tuple(in_spatial)
+    return (g.shape[0], *spatial, c_in) if geometry.layout == "NHWC" else (g.shape[0], c_in, *spatial)
+
+
+def _phase_gradient(g, w, geometry: Geometry, phases):
+    """dX_t: the textbook input gradient of the stride-1 conv with the phase's sub-kernel."""
+    sub = dataclasses.replace(
+        geometry,
+        kernel=tuple(p.taps for p in phases),
+        stride=(1,) * geometry.ndim,
+        dilation=tuple(p.dilation for p in phases),
+        padding=tuple((p.lo, 0) for p in phases),
+    )
+    return input_gradient(g, _sub_kernel(w, phases, geometry), sub, tuple(p.size for p in phases))
+
+
+def _place(part, t, geometry: Geometry, in_spatial):
+    """Puts `part[q]` at input position `s q + t` (zeros elsewhere): a strided `lax.pad`."""
+    sizes = geometry.spatial_shape(part.shape)
+    config = [(ti, h - ti - s * (q - 1) - 1, s - 1) for ti, h, s, q in zip(t, in_spatial, geometry.stride, sizes)]
+    return lax.pad(part, jnp.zeros((), part.dtype), full_rank(geometry, config, (0, 0, 0)))
+
+
+# --------------------------------------------------------------------------- input gradient by col2im
+
+
+def input_gradient_by_col2im(g, w, geometry: Geometry, in_spatial):
+    """dE/dX as one matrix product and a scatter of its rows (col2im), no correlation.
+
+        T[k, c, n, i] = sum_o W[k, c, o] G[n, i, o]        one GEMM per group:
+                                                            (K * C_in/g, C_out/g) x (C_out/g, N * H_out)
+        dX[n, s i + d k - lo, c] = sum_k T[k, c, n, i]      every tap's rows placed by a strided pad
+
+    Pays off when `K * C_in` is small (first layers), where a correlation with few
+    channels runs slowly. T is built channels-first; dX is transposed to the layout at the end.
+    """
+    n, grp = geometry.ndim, geometry.groups
+    taps = len(list(window_offsets(geometry)))
+    if geometry.layout == "NHWC":
+        c_group, c_out = w.shape[n], w.shape[n + 1]
+        kernel = w.reshape(taps, c_group, grp, c_out // grp)  # (K, C/g, g, O/g)
+        cot = g.reshape(math.prod(g.shape[:-1]), grp, c_out // grp)  # (N * H_out, g, O/g)
+        t = lax.dot_general(kernel, cot, (((3,), (2,)), ((2,), (1,))))  # (g, K, C/g, N * H_out)
+        out = (g.shape[0], *geometry.spatial_shape(g.shape))
+    else:
+        c_out, c_group = w.shape[:2]
+        kernel = w.reshape(grp, c_out // grp, c_group, taps)  # (g, O/g, C/g, K)
+        cot = g.reshape(g.shape[0], grp, c_out // grp, math.prod(g.shape[2:]))  # (N, g, O/g, H_out)
+        t = lax.dot_general(kernel, cot, (((1,), (2,)), ((0,), (1,))))  # (g, C/g, K, N, H_out)
+        t = jnp.swapaxes(t, 1, 2)
+        out = (g.shape[0], *geometry.spatial_shape(g.shape))
+    t = jnp.moveaxis(t.reshape(grp, taps, c_group, *out), 1, 0).reshape(taps, grp * c_group, *out)
+    channels_first = dataclasses.replace(geometry, layout="NCHW")  # (C, N, *spatial): C plays the batch
+    dx = sum(
+        scatter_back(t[j], tap, channels_first, in_spatial) for j, tap in enumerate(window_offsets(geometry))
+    )  # (C_in, N, *in_spatial)
+    return jnp.moveaxis(dx, 0, -1 if geometry.layout == "NHWC" else 1)
+
+
+# --------------------------------------------------------------------------- weight gradient by batch chunks
+
+
+def weight_gradient_by_chunks(x, g, geometry: Geometry, kernel_shape, chunk: int):
+    """dE/dW as a sum over batch chunks of the textbook correlation.
+
+    dE/dW sums over the batch, so it splits into chunks of `chunk` images:
+
+        dE/dW = sum_b X_b (*) G_b        X_b, G_b: images [b chunk, (b + 1) chunk) of X and G
+
+    each term :func:`convlib.ops.conv.weight_gradient`. A chunk's operands stay in
+    cache, and the chunks can run concurrently. Returns the kernel's shape.
+    """
+    return sum(
+        weight_gradient(x[start : start + chunk], g[start : start + chunk], geometry, kernel_shape)
+        for start in range(0, x.shape[0], chunk)
+    )
+
+
+# --------------------------------------------------------------------------- lowerings
+
+
+def _channel_blocks(a, axis: int, groups: int) -> list:
+    size = a.shape[axis] // groups
+    return [lax.slice_in_dim(a, i * size, (i + 1) * size, axis=axis) for i in range(groups)]
+
+
+def _kernel_out_axis(geometry: Geometry) -> int:
+    return geometry.ndim + 1 if geometry.layout == "NHWC" else 0
+
+
+def gradients_per_group(geometry: Geometry, x, w, g, inner: Plan | None = None):
+    """(dE/dX, dE/dW) of a grouped conv as `groups` independent convs, each planned on its own.
+
+        X = [X_1 .. X_g], G = [G_1 .. G_g], W = [W_1 .. W_g]   (channel blocks; W split on C_out)
+        dE/dX = [dE/dX_1 .. dE/dX_g],  dE/dW = [dE/dW_1 .. dE/dW_g]   of the conv Y_j = X_j (*) W_j
+
+    `inner`: the plan of every group's conv (None: planned here).
+    """
+    one = dataclasses.replace(geometry, groups=1)
+    blocks = zip(*(_channel_blocks(a, axis, geometry.groups) for a, axis in
+                   ((x, geometry.channel_axis), (w, _kernel_out_axis(geometry)), (g, geometry.channel_axis))))
+    dxs, dws = zip(*(gradients(one, xj, wj, gj, inner) for xj, wj, gj in blocks))
+    return (jnp.concatenate(dxs, axis=geometry.channel_axis),
+            jnp.concatenate(dws, axis=_kernel_out_axis(geometry)))
+
+
+def _as_2d_geometry(geometry: Geometry) -> Geometry:
+    """A 1-D geometry with a unit spatial dim in front."""
+    return dataclasses.replace(geometry, kernel=(1, *geometry.kernel), stride=(1, *geometry.stride),
+                               padding=((0, 0), *geometry.padding), dilation=(1, *geometry.dilation))
+
+
+def gradients_as_2d(geometry: Geometry, x, w, g, inner: Plan | None = None):
+    """(dE/dX, dE/dW) of a 1-D conv as the 2-D conv with a unit spatial dim in front (a reshape):
+
+        X (N, H, C) -> (N, 1, H, C),  W (K, C/g, O) -> (1, K, C/g, O),  G likewise   (channels first alike)
+
+    `inner`: the plan of the 2-D conv (None: planned here).
+    """
+    space, taps = geometry.spatial_axes[0], 0 if geometry.layout == "NHWC" else 2
+    dx, dw = gradients(_as_2d_geometry(geometry), jnp.expand_dims(x, space), jnp.expand_dims(w, taps), jnp.expand_dims(g, space), inner)
+    return jnp.squeeze(dx, space), jnp.squeeze(dw, taps)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+L2_BYTES = 1 << 20  # per core, this project's CPUs (AMD EPYC, Xeon): a weight-gradient chunk's operands fit
+COL2IM_BYTES = 32 << 20  # glibc's largest mmap threshold: larger temporaries are page-faulted in on every call
+
+MAX_PLANNED_GROUPS = 4  # more groups (depthwise with a multiplier): textbook per group, a bounded op count
+
+INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases,
+                   "col2im": input_gradient_by_col2im}
+WEIGHT_GRADIENTS = ("textbook", "chunks")
+LOWERINGS = ("none", "per group", "as 2-D")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `backward="custom"` runs for one conv: a lowering, then dX and dW formulations (of the lowered
+    conv: `inner` is its plan when there is a lowering), `chunk` images per dW chunk."""
+
+    lowering: str = "none"
+    input_gradient: str = "textbook"
+    weight_gradient: str = "textbook"
+    chunk: int = 0
+    inner: Plan | None = None
+
+    def __str__(self) -> str:
+        if self.inner is not None:
+            return f"{self.lowering}: {self.inner}"
+        dw = f"chunks of {self.chunk}" if self.weight_gradient == "chunks" else self.weight_gradient
+        return f"dX {self.input_gradient}, dW {dw}"
+
+
+def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str | None = None) -> Plan:
+    """The formulations `backward="custom"` uses for these static shapes (`backend`: default JAX backend).
+
+    Rules measured on XLA:CPU, which runs a 2-D conv with more than 16 channels on either side in its fast
+    conv library (YNNPACK) and every other conv in a slower generic one:
+    - 1-D: as 2-D (the reshape is free) to reach that library;
+    - groups (but a plain depthwise conv, channel multiplier 1): one conv per group, since grouped convs
+      never reach it (each planned as below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
+    - dX: by phases when strided (no zero insertion); by col2im when C_in <= 8 and the conv is outside
+      the fast library (a GEMM instead of a correlation with few channels), if its temporary fits
+      `COL2IM_BYTES`; else textbook;
+    - dW: in batch chunks of 8 images (32 when C_out <= 16, to stay in the fast library) when a chunk's
+      operands fit `L2_BYTES` and there are at least two chunks; else textbook.
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return Plan()
+    n, layout, groups = geometry.ndim, geometry.layout, geometry.groups
+    c_in = x_shape[geometry.channel_axis]
+    c_out = w_shape[_kernel_out_axis(geometry)]
+    if n == 1:
+        flat = _as_2d_geometry(geometry)
+        axis, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
+        inner = plan(flat, (*x_shape[:axis], 1, *x_shape[axis:]), (*w_shape[:taps], 1, *w_shape[taps:]), itemsize,
+                     "cpu")
+        return Plan("as 2-D", inner=inner)
+    if groups > 1 and not (c_in == groups == c_out):
+        one = dataclasses.replace(geometry, groups=1)
+        group_x = _with_channels(x_shape, geometry.channel_axis, c_in // groups)
+        group_w = _with_channels(w_shape, _kernel_out_axis(geometry), c_out // groups)
+        inner = plan(one, group_x, group_w, itemsize, "cpu") if groups <= MAX_PLANNED_GROUPS else Plan()
+        return Plan("per group", inner=inner)
+    in_spatial = geometry.spatial_shape(x_shape)
+    out_spatial = geometry.output_spatial(in_spatial)
+    batch, taps = x_shape[0], math.prod(geometry.kernel)
+    fast_library = n == 2 and groups == 1 and max(c_in, c_out) > 16
+    if any(s > 1 for s in geometry.stride):
+        dx = "phases"
+    elif (c_in <= 8 and not fast_library
+          and taps * c_in * batch * math.prod(out_spatial) * itemsize <= COL2IM_BYTES):
+        dx = "col2im"
+    else:
+        dx = "textbook"
+    chunk = 8 if c_out > 16 else 32
+    per_image = (math.prod(in_spatial) * c_in + math.prod(out_spatial) * c_out) * itemsize
+    if n == 2 and groups == 1 and batch >= 2 * chunk and chunk * per_image <= L2_BYTES:
+        return Plan(input_gradient=dx, weight_gradient="chunks", chunk=chunk)
+    return Plan(input_gradient=dx)
+
+
+def _with_channels(shape, axis: int, channels: int) -> tuple:
+    return (*shape[:axis], channels, *shape[axis + 1 :])
+
+
+def gradients(geometry: Geometry, x, w, g, p: Plan | None = None):
+    """(dE/dX, dE/dW) of `conv` by the formulations of plan `p` (None: :func:`plan`'s for these shapes)."""
+    if g.size == 0 or x.size == 0:  # nothing flows back (a conv with an empty output does not lower)
+        return jnp.zeros_like(x), jnp.zeros(w.shape, jnp.result_type(x, g))
+    p = p or plan(geometry, x.shape, w.shape, jnp.dtype(g.dtype).itemsize)
+    if p.lowering == "as 2-D":
+        return gradients_as_2d(geometry, x, w, g, p.inner)
+    if p.lowering == "per group":
+        return gradients_per_group(geometry, x, w, g, p.inner)
+    dx = INPUT_GRADIENTS[p.input_gradient](g, w, geometry, geometry.spatial_shape(x.shape))
+    if p.weight_gradient == "chunks":
+        return dx, weight_gradient_by_chunks(x, g, geometry, w.shape, p.chunk)
+    return dx, weight_gradient(x, g, geometry, w.shape)
+
+
+def backward(geometry: Geometry, residuals, g):
+    """(dE/dX, dE/dW, dE/db) of `conv(x, w, b)` for the custom VJP; residuals (x, w, b or None)."""
+    x, w, b = residuals
+    dx, dw = gradients(geometry, x, w, g)
+    return dx, dw, None if b is None else bias_gradient(g, geometry).astype(g.dtype)

@@ -1,0 +1,122 @@
+"""Benchmarks of convlib's convolutions, pools and training steps: backward="custom" against JAX's autodiff
+(and the textbook formulation), with PyTorch eager (channels_last) as a reference row when it is importable.
+
+    python experiments/benchmarks/bench.py all --out experiments/benchmarks/results   # layers + training
+    python experiments/benchmarks/bench.py layers --quick --out /tmp/bench           # seconds: a smoke run
+
+Suites: `layers` (conv: forward, dX, dW, forward + backward per mode; pools), `training` (images/s of whole
+train steps), `all` (both). Times are medians of repeated calls after compilation, all modes of a case timed in
+turns in one process; GFLOP/s are also given as a fraction of the machine's float32 GEMM, measured in the same
+run. Writes <out>/<name>.json (every number, the machine, the command) and <out>/<name>.md (the tables), <name>
+defaulting to the machine's short name (e.g. cpu-amd-epyc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import machine  # puts experiments/ on sys.path (outputs)
+import outputs
+
+import layers
+import training
+from convlib.train import write_json
+from convlib.train.atomic_files import write_text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=outputs.HelpFormatter)
+    p.add_argument("suite", choices=("layers", "training", "all"), help="what to run")
+    p.add_argument("--out", default="runs/benchmarks", help="output folder (created if missing)")
+    p.add_argument("--name", default=None, help="file stem of the results (default: the machine's short name)")
+    p.add_argument("--quick", action="store_true", help="one tiny case per suite, 2 repeats (a smoke run)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per function after one compiling call "
+                   "(default: 2 with --quick, else 7)")
+    p.add_argument("--training-repeats", type=int, default=None, help="timed steps per model (default: --repeats)")
+    p.add_argument("--layouts", default="NHWC,NCHW", help="comma-separated layouts of the conv cases")
+    p.add_argument("--gemm-size", type=int, default=None, help="side of the float32 GEMM ceiling (default: 256 "
+                   "with --quick, 2048 on a CPU, 8192 on an accelerator)")
+    p.add_argument("--resnet50-batch", type=int, default=0, help="also time ResNet-50 bfloat16 train steps on "
+                   "224x224 inputs with this batch (0: skip; meant for a GPU)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.training_repeats = args.training_repeats or args.repeats
+    args.layouts = tuple(s.strip().upper() for s in args.layouts.split(","))
+    if not set(args.layouts) <= {"NHWC", "NCHW"}:
+        p.error(f"--layouts must list NHWC and/or NCHW, got {args.layouts!r}")
+    for name in ("repeats", "training_repeats", "gemm_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.resnet50_batch < 0:
+        p.error(f"--resnet50-batch must be >= 0, got {args.resnet50_batch}")
+    return args
+
+
+def progress_printer(enabled: bool):
+    """progress(items, what) -> the items, printing 'what i/n: item' to stderr as each is reached."""
+
+    def progress(items, what):
+        items = list(items)
+        for i, item in enumerate(items):
+            if enabled:
+                first = item[0] if isinstance(item, tuple) else item
+                label = getattr(first, "name", first)
+                print(f"{what} {i + 1}/{len(items)}: {label}", file=sys.stderr, flush=True)
+            yield item
+
+    return progress
+
+
+def markdown(results: dict) -> str:
+    """The report: machine line, GEMM ceiling, summary and the tables."""
+    info, gemm = results["machine"], results["machine"]["gemm"]
+    lines = [f"# convlib benchmarks, {info['date'][:10]}", "",
+             f"Machine: {outputs.describe(info)}; PyTorch {info['torch'] or 'not installed'}. "
+             f"GEMM ceiling: {gemm['gflops']:.0f} GFLOP/s (float32 {gemm['size']}^3 matmul, same run).",
+             f"Command: `{results['command']}`", ""]
+    if "layers" in results:
+        s = results["layers"]["summary"]
+        lines += ["## Layers", "",
+                  f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
+                  f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
+                  f"({s['worst']['layer']}, {s['worst']['layout']}); textbook / autodiff "
+                  f"{s['textbook/autodiff fwd+bwd geomean']:.2f}. Ratios < 1: custom is faster.", "",
+                  outputs.markdown_table(results["layers"]["conv"], layers.CONV_COLUMNS, "Convolutions"),
+                  outputs.markdown_table(results["layers"]["pool"], layers.POOL_COLUMNS, "Pools")]
+    if "training" in results:
+        lines += ["## Training steps", "",
+                  outputs.markdown_table(results["training"]["models"], training.COLUMNS, "images/s")]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    progress = progress_printer(not args.no_progress)
+    accelerator = jax.default_backend() != "cpu"
+    gemm = machine.gemm_ceiling(args.gemm_size or (256 if args.quick else 8192 if accelerator else 2048), args.repeats)
+    info = machine.record(gemm)
+    command = " ".join(["python", "experiments/benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    results = {"command": command, "config": vars(args), "machine": info, "git": outputs.source_version()}
+    with_torch = not args.no_torch
+    if args.suite in ("layers", "all"):
+        results["layers"] = layers.run(args.quick, args.repeats, args.layouts, gemm["gflops"], with_torch,
+                                       args.seed, progress)
+    if args.suite in ("training", "all"):
+        results["training"] = training.run(args.quick, args.training_repeats, with_torch, args.resnet50_batch,
+                                           args.seed, progress)
+    name = args.name or machine.short_name(info)
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, f"{name}.json"), results)
+    write_text(os.path.join(args.out, f"{name}.md"), markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

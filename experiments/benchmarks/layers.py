@@ -1,0 +1,290 @@
+"""Layer suite: every convolution and pooling case timed with each backward mode, side by side in one process.
+
+Conv: the forward, dX alone, dW alone and the whole forward + backward (y, dX, dW, db) for backward="autodiff",
+"textbook" and "custom"; pools: forward, dX and forward + backward for "autodiff" and "custom". With PyTorch
+importable, the same layer in PyTorch eager (channels_last) is timed in the same rounds as a reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from machine import gflops, interleaved_times, torch_module
+
+from convlib import ops
+
+CONV_MODES = ("autodiff", "textbook", "custom")
+POOL_MODES = ("autodiff", "custom")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    """One convolution: `batch` images of `spatial` x `c_in` channels, `c_out` filters of side `kernel`."""
+
+    name: str
+    batch: int
+    spatial: tuple[int, ...]
+    c_in: int
+    c_out: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial)
+
+    def options(self, layout: str) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+                    layout=layout)
+
+    def arrays(self, layout: str, key):
+        """x, w, b in `layout` (float32), w scaled by 1/sqrt(fan-in)."""
+        kx, kw, kb = jax.random.split(key, 3)
+        kernel = (self.kernel,) * self.ndim
+        if layout == "NHWC":
+            x_shape, w_shape = (self.batch, *self.spatial, self.c_in), (*kernel, self.c_in // self.groups, self.c_out)
+        else:
+            x_shape, w_shape = (self.batch, self.c_in, *self.spatial), (self.c_out, self.c_in // self.groups, *kernel)
+        fan_in = self.kernel**self.ndim * self.c_in // self.groups
+        return (jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape) / math.sqrt(fan_in),
+                jax.random.normal(kb, (self.c_out,)))
+
+    def out_spatial(self) -> tuple[int, ...]:
+        return tuple((h + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
+                     for h in self.spatial)
+
+    def flops(self) -> int:
+        """2 x the multiply-adds of the forward (dX and dW have as many)."""
+        return (2 * self.batch * math.prod(self.out_spatial()) * self.c_out * self.kernel**self.ndim
+                * self.c_in // self.groups)
+
+    def describe(self) -> str:
+        extra = "".join(f" {k}{v}" for k, v in (("s", self.stride), ("d", self.dilation), ("g", self.groups)) if v > 1)
+        size = "x".join(map(str, self.spatial))
+        return f"{self.batch}x{size} {self.c_in}->{self.c_out} k{self.kernel}{extra}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolCase:
+    """One pooling layer over `batch` images of `spatial` x `channels` (NHWC)."""
+
+    name: str
+    kind: str  # "max" or "avg"
+    batch: int
+    spatial: tuple[int, int]
+    channels: int
+    window: int
+    stride: int
+    padding: int = 0
+
+    def function(self, backward: str):
+        pool = ops.max_pool if self.kind == "max" else ops.avg_pool
+        return lambda x: pool(x, self.window, self.stride, self.padding, backward=backward)
+
+    def describe(self) -> str:
+        return f"{self.batch}x{self.spatial[0]}x{self.spatial[1]}x{self.channels} {self.kind} {self.window}/{self.stride}"
+
+
+CONV_CASES = (
+    ConvCase("LeNet-5 C1", 256, (32, 32), 1, 6, 5),
+    ConvCase("LeNet-5 C3", 256, (14, 14), 6, 16, 5),
+    ConvCase("ResNet-20 stem", 128, (32, 32), 3, 16, 3, padding=1),
+    ConvCase("ResNet-20 stage 1", 128, (32, 32), 16, 16, 3, padding=1),
+    ConvCase("ResNet-20 down 2", 128, (32, 32), 16, 32, 3, stride=2, padding=1),
+    ConvCase("ResNet-20 stage 2", 128, (16, 16), 32, 32, 3, padding=1),
+    ConvCase("ResNet-20 down 3", 128, (16, 16), 32, 64, 3, stride=2, padding=1),
+    ConvCase("ResNet-20 stage 3", 128, (8, 8), 64, 64, 3, padding=1),
+    ConvCase("dilated 2", 128, (16, 16), 32, 32, 3, padding=2, dilation=2),
+    ConvCase("AlexNet-small conv2 g2", 128, (15, 15), 48, 128, 5, padding=2, groups=2),
+    ConvCase("AlexNet-small conv4 g2", 128, (7, 7), 192, 192, 3, padding=1, groups=2),
+    ConvCase("depthwise", 128, (16, 16), 32, 32, 3, padding=1, groups=32),
+    ConvCase("depthwise x2", 128, (16, 16), 32, 64, 3, stride=2, padding=1, groups=32),
+    ConvCase("1-D k5", 128, (256,), 32, 32, 5, padding=2),
+    ConvCase("1-D k5 s2", 128, (256,), 32, 64, 5, stride=2, padding=2),
+    ConvCase("3-D k3", 16, (16, 16, 16), 8, 16, 3, padding=1),
+)
+QUICK_CONV_CASES = (ConvCase("quick down", 2, (8, 8), 4, 8, 3, stride=2, padding=1),)
+
+POOL_CASES = (
+    PoolCase("max 2/2 (LeNet, VGG)", "max", 128, (32, 32), 16, 2, 2),
+    PoolCase("max 3/2 overlapping (AlexNet)", "max", 128, (31, 31), 48, 3, 2),
+    PoolCase("avg 2/2 (LeNet S2)", "avg", 256, (28, 28), 6, 2, 2),
+)
+QUICK_POOL_CASES = (PoolCase("quick max", "max", 2, (8, 8), 4, 3, 2, 1),)
+
+
+# --------------------------------------------------------------------------- conv
+
+
+def conv_calls(case: ConvCase, layout: str, key) -> dict:
+    """name -> (jitted fn, args): "forward" and "<mode> dX" / "<mode> dW" / "<mode> fwd+bwd" for each mode."""
+    x, w, b = case.arrays(layout, key)
+    options = case.options(layout)
+    y = ops.conv(x, w, b, **options)
+    g = jax.random.normal(jax.random.fold_in(key, 1), y.shape)
+    calls = {"forward": (jax.jit(lambda x, w, b: ops.conv(x, w, b, **options)), (x, w, b))}
+    for mode in CONV_MODES:
+        def f(x, w, b, mode=mode):
+            return ops.conv(x, w, b, **options, backward=mode)
+
+        calls[f"{mode} dX"] = (jax.jit(lambda x, w, b, g, f=f: jax.vjp(lambda x: f(x, w, b), x)[1](g)), (x, w, b, g))
+        calls[f"{mode} dW"] = (jax.jit(lambda x, w, b, g, f=f: jax.vjp(lambda w: f(x, w, b), w)[1](g)), (x, w, b, g))
+        calls[f"{mode} fwd+bwd"] = (jax.jit(lambda x, w, b, g, f=f: _value_and_vjp(f, g, x, w, b)), (x, w, b, g))
+    return calls
+
+
+def _value_and_vjp(f, g, *args):
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(g)
+
+
+def torch_conv_calls(case: ConvCase, torch) -> dict:
+    """The same layer in PyTorch eager, channels_last (channels_last_3d for 3-D): forward, dX, dW, fwd+bwd."""
+    fn = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[case.ndim]
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(case.ndim, torch.contiguous_format)
+    x, w, b = (torch.from_numpy(np.array(a)) for a in case.arrays("NCHW", jax.random.key(0)))
+    x, w = x.to(memory_format=fmt), w.to(memory_format=fmt)
+    conv = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+    with torch.no_grad():
+        g = torch.randn_like(fn(x, w, b, **conv))
+    n = case.ndim
+
+    def backward(mask):
+        return torch.ops.aten.convolution_backward(
+            g, x, w, [case.c_out], [case.stride] * n, [case.padding] * n, [case.dilation] * n, False, [0] * n,
+            case.groups, mask)
+
+    def fwd_bwd():
+        return fn(x, w, b, **conv), backward([True, True, True])
+
+    calls = {"forward": lambda: fn(x, w, b, **conv), "dX": lambda: backward([True, False, False]),
+             "dW": lambda: backward([False, True, False]), "fwd+bwd": fwd_bwd}
+    return {f"torch {k}": (_no_grad(torch, v), ()) for k, v in calls.items()}
+
+
+def _no_grad(torch, fn):
+    def call():
+        with torch.no_grad():
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    return call
+
+
+def conv_row(case: ConvCase, layout: str, repeats: int, gemm_gflops: float, with_torch: bool, key) -> dict:
+    """Times one conv case in one layout; returns its row (ms, GFLOP/s, fraction of GEMM, ratios to autodiff)."""
+    calls = conv_calls(case, layout, key)
+    torch = torch_module() if with_torch else None
+    if torch is not None:
+        calls.update(torch_conv_calls(case, torch))
+    times = interleaved_times(calls, repeats)
+    flop = case.flops()
+    row = {"layer": case.name, "layout": layout, "shape": case.describe(), "gflop": flop / 1e9}
+    for name, t in times.items():
+        work = 3 * flop if name.endswith("fwd+bwd") else flop
+        row[f"{name} ms"] = t["ms"]
+        row[f"{name} cpu_ms"] = t["cpu_ms"]
+        row[f"{name} GFLOP/s"] = gflops(work, t["ms"])
+        row[f"{name} of GEMM"] = gflops(work, t["ms"]) / gemm_gflops
+    for mode in CONV_MODES[1:]:
+        for part in ("dX", "dW", "fwd+bwd"):
+            row[f"{mode}/autodiff {part}"] = times[f"{mode} {part}"]["ms"] / times[f"autodiff {part}"]["ms"]
+        row[f"{mode}/autodiff fwd+bwd cpu"] = (times[f"{mode} fwd+bwd"]["cpu_ms"]
+                                               / times["autodiff fwd+bwd"]["cpu_ms"])
+    return row
+
+
+# --------------------------------------------------------------------------- pools
+
+
+def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
+    """Times one pooling case: forward, dX and forward + backward for each mode (and PyTorch's)."""
+    x = jax.random.normal(key, (case.batch, *case.spatial, case.channels))
+    g = jax.random.normal(jax.random.fold_in(key, 1), case.function("custom")(x).shape)
+    calls = {"forward": (jax.jit(case.function("autodiff")), (x,))}
+    for mode in POOL_MODES:
+        f = case.function(mode)
+        calls[f"{mode} dX"] = (jax.jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)), (x, g))
+        calls[f"{mode} fwd+bwd"] = (jax.jit(lambda x, g, f=f: _value_and_vjp(f, g, x)), (x, g))
+    torch = torch_module() if with_torch else None
+    if torch is not None:
+        calls.update(_torch_pool_calls(case, x, g, torch))
+    times = interleaved_times(calls, repeats)
+    row = {"layer": case.name, "shape": case.describe()}
+    for name, t in times.items():
+        row[f"{name} ms"], row[f"{name} cpu_ms"] = t["ms"], t["cpu_ms"]
+    for part in ("dX", "fwd+bwd"):
+        row[f"custom/autodiff {part}"] = times[f"custom {part}"]["ms"] / times[f"autodiff {part}"]["ms"]
+    return row
+
+
+def _torch_pool_calls(case: PoolCase, x, g, torch) -> dict:
+    pool = torch.nn.functional.max_pool2d if case.kind == "max" else torch.nn.functional.avg_pool2d
+    tx = torch.from_numpy(np.array(jnp.moveaxis(x, -1, 1))).contiguous(memory_format=torch.channels_last)
+    tg = torch.from_numpy(np.array(jnp.moveaxis(g, -1, 1))).contiguous(memory_format=torch.channels_last)
+    tx.requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            pool(tx, case.window, case.stride, case.padding)
+
+    def fwd_bwd():
+        torch.autograd.grad(pool(tx, case.window, case.stride, case.padding), tx, tg)
+
+    return {"torch forward": (forward, ()), "torch fwd+bwd": (fwd_bwd, ())}
+
+
+# --------------------------------------------------------------------------- suite
+
+
+def run(quick: bool, repeats: int, layouts, gemm_gflops: float, with_torch: bool, seed: int, progress) -> dict:
+    """All rows of the layer suite and their summary."""
+    key = jax.random.key(seed)
+    conv_cases = QUICK_CONV_CASES if quick else CONV_CASES
+    pool_cases = QUICK_POOL_CASES if quick else POOL_CASES
+    jobs = [(c, layout) for c in conv_cases for layout in layouts]
+    conv_rows = [conv_row(c, layout, repeats, gemm_gflops, with_torch, jax.random.fold_in(key, i))
+                 for i, (c, layout) in enumerate(progress(jobs, "conv layers"))]
+    pool_rows = [pool_row(c, repeats, with_torch, jax.random.fold_in(key, 1000 + i))
+                 for i, c in enumerate(progress(pool_cases, "pools"))]
+    return {"conv": conv_rows, "pool": pool_rows, "summary": summary(conv_rows, conv_cases, gemm_gflops)}
+
+
+def summary(rows, cases, gemm_gflops: float) -> dict:
+    """Geometric mean and worst of custom/autodiff (fwd+bwd, wall and CPU time), and the weight gradient's
+    fraction of the GEMM ceiling on the 3x3 layers with >= 16 channels."""
+    by_name = {c.name: c for c in cases}
+
+    def geomean(values):
+        return math.exp(sum(map(math.log, values)) / len(values))
+
+    ratios = [r["custom/autodiff fwd+bwd"] for r in rows]
+    worst = max(rows, key=lambda r: r["custom/autodiff fwd+bwd"])
+    wide_3x3 = [r for r in rows if by_name[r["layer"]].kernel == 3 and by_name[r["layer"]].ndim == 2
+                and min(by_name[r["layer"]].c_in, by_name[r["layer"]].c_out) >= 16
+                and by_name[r["layer"]].groups == 1]
+    return {
+        "custom/autodiff fwd+bwd geomean": geomean(ratios),
+        "custom/autodiff fwd+bwd cpu geomean": geomean([r["custom/autodiff fwd+bwd cpu"] for r in rows]),
+        "textbook/autodiff fwd+bwd geomean": geomean([r["textbook/autodiff fwd+bwd"] for r in rows]),
+        "worst": {"layer": worst["layer"], "layout": worst["layout"], "ratio": worst["custom/autodiff fwd+bwd"]},
+        "custom dW of GEMM (3x3, >= 16 channels)": {f"{r['layer']} {r['layout']}": r["custom dW of GEMM"]
+                                                    for r in wide_3x3},
+        "gemm_gflops": gemm_gflops,
+    }
+
+
+CONV_COLUMNS = ("layer", "layout", "shape", "forward GFLOP/s", "autodiff dX GFLOP/s", "custom dX GFLOP/s",
+                "autodiff dW GFLOP/s", "custom dW GFLOP/s", "custom dW of GEMM", "autodiff fwd+bwd ms",
+                "textbook fwd+bwd ms", "custom fwd+bwd ms", "custom/autodiff fwd+bwd",
+                "custom/autodiff fwd+bwd cpu", "torch fwd+bwd ms")
+POOL_COLUMNS = ("layer", "shape", "forward ms", "autodiff dX ms", "custom dX ms", "autodiff fwd+bwd ms",
+                "custom fwd+bwd ms", "custom/autodiff fwd+bwd", "torch fwd+bwd ms")

@@ -1,0 +1,72 @@
+"""Training-step suite: images/s of whole jit-compiled training steps (forward, backward, SGD-momentum update
+with Optax, through `convlib.train.make_train_step`) with each backward mode, timed in turns in one process;
+with PyTorch importable, the same architecture in PyTorch eager (channels_last) as a reference row."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from machine import interleaved_times, torch_module
+
+from convlib import models, train
+
+MODES = ("autodiff", "custom")
+# name -> (batch, input channels, input side)
+MODELS = {"lenet5_modern": (256, 1, 32), "resnet20": (128, 3, 32), "vgg11_small": (128, 3, 32),
+          "alexnet_small": (128, 3, 32)}
+QUICK_MODELS = {"lenet5_modern": (8, 1, 32)}
+RESNET50 = ("resnet50", 224)
+
+
+def jax_step(name: str, batch: int, in_channels: int, size: int, backward: str, seed: int, dtype=None):
+    """(jitted train_step, (state, batch)) for model `name` on a random batch; `dtype` the compute dtype."""
+    model = models.create(name, num_classes=10, in_channels=in_channels, rngs=nnx.Rngs(seed), backward=backward,
+                          dtype=dtype)
+    tx = train.make_optimizer("sgd", 0.01, momentum=0.9)
+    graphdef, state = train.create_train_state(model, tx, jax.random.key(seed))
+    step = jax.jit(train.make_train_step(graphdef, tx, train.CROSS_ENTROPY))
+    key = jax.random.key(seed + 1)
+    data = {"image": jax.random.normal(key, (batch, size, size, in_channels), dtype or jnp.float32),
+            "label": jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, 10)}
+    return step, (state, data)
+
+
+def model_row(name: str, batch: int, in_channels: int, size: int, repeats: int, with_torch: bool, seed: int,
+              dtype=None) -> dict:
+    """images/s of one model's training step per backward mode (and PyTorch's), timed in turns."""
+    calls = {mode: jax_step(name, batch, in_channels, size, mode, seed, dtype) for mode in MODES}
+    torch = torch_module() if with_torch and name in _torch_models() else None
+    if torch is not None:
+        calls["torch"] = (_torch_models()[name](name, batch, in_channels, size), ())
+    times = interleaved_times(calls, repeats)
+    row = {"model": name, "batch": batch, "input": f"{size}x{size}x{in_channels}",
+           "dtype": jnp.dtype(dtype or jnp.float32).name}
+    for mode, t in times.items():
+        row[f"{mode} ms"], row[f"{mode} cpu_ms"] = t["ms"], t["cpu_ms"]
+        row[f"{mode} images/s"] = batch / t["ms"] * 1e3
+    row["custom/autodiff images/s"] = row["custom images/s"] / row["autodiff images/s"]
+    return row
+
+
+def _torch_models() -> dict:
+    """Model name -> train-step builder of the PyTorch twins (empty without PyTorch)."""
+    if torch_module() is None:
+        return {}
+    import torch_models
+
+    return {name: torch_models.train_step for name in torch_models.MODELS}
+
+
+def run(quick: bool, repeats: int, with_torch: bool, resnet50_batch: int, seed: int, progress) -> dict:
+    """Rows of the training suite; with `resnet50_batch` > 0 also ResNet-50 in bfloat16 on 224x224 inputs."""
+    jobs = [(name, *spec, None) for name, spec in (QUICK_MODELS if quick else MODELS).items()]
+    if resnet50_batch:
+        jobs.append((RESNET50[0], resnet50_batch, 3, RESNET50[1], jnp.bfloat16))
+    rows = [model_row(name, batch, channels, size, repeats, with_torch, seed, dtype)
+            for name, batch, channels, size, dtype in progress(jobs, "training steps")]
+    return {"models": rows}
+
+
+COLUMNS = ("model", "batch", "input", "dtype", "autodiff images/s", "custom images/s", "custom/autodiff images/s",
+           "torch images/s")

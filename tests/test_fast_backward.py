@@ -1,0 +1,147 @@
+"""The faster exact backward formulations (`backward="custom"`, convlib.ops.fast_backward) against the textbook
+one, JAX's autodiff and the NumPy loop reference, in float64 over the whole configuration space; and a smoke run
+of the benchmark suite."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conv_configs import conv_configs, random_arrays
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from convlib import ops
+from convlib.ops import fast_backward
+from convlib.ops.conv import conv_geometry, input_gradient, pad_input, weight_gradient
+
+# float64 sums of a few hundred products agree to ~1e-15 relative; 1e-10 leaves room for the longest sums.
+RTOL = ATOL = 1e-10
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "benchmarks")
+
+
+@pytest.fixture(scope="class")
+def float64():
+    """Float64 for one test class; restores the previous setting."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def gradients(backward, x, w, b, kwargs, g):
+    """(dX, dW, db) of <g, conv(x, w, b)> with the given backward mode."""
+    _, vjp = jax.vjp(lambda x, w, b: ops.conv(x, w, b, **kwargs, backward=backward), x, w, b)
+    return vjp(g)
+
+
+def prepared(x_shape, w_shape, kwargs, seed):
+    """x (padding mode applied), w, a cotangent g and the Geometry, as the custom_vjp's backward sees them."""
+    x, w, _ = random_arrays(seed, x_shape, w_shape, False, kwargs["layout"])
+    geometry = conv_geometry(x, w, **kwargs)
+    x, geometry = pad_input(jnp.asarray(x), geometry)
+    y = ops.conv(x, w, **{**kwargs, "padding": geometry.padding, "padding_mode": "zeros"})
+    g = np.random.default_rng(seed + 1).standard_normal(y.shape)
+    return x, jnp.asarray(w), jnp.asarray(g), geometry
+
+
+@pytest.mark.usefixtures("float64")
+class TestExact:
+    @settings(max_examples=30)
+    @given(conv_configs(), st.integers(0, 2**16))
+    def test_custom_matches_textbook_and_autodiff(self, config, seed):
+        x_shape, w_shape, has_bias, kwargs = config
+        x, w, b = random_arrays(seed, x_shape, w_shape, has_bias, kwargs["layout"])
+        y = ops.conv(x, w, b, **kwargs)
+        g = np.random.default_rng(seed + 1).standard_normal(y.shape)
+        custom, textbook, autodiff = (gradients(m, x, w, b, kwargs, g) for m in ("custom", "textbook", "autodiff"))
+        for c, t, a in zip(custom, textbook, autodiff):
+            if c is None:
+                assert t is None and a is None
+                continue
+            np.testing.assert_allclose(c, t, rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(c, a, rtol=RTOL, atol=ATOL)
+
+    @settings(max_examples=15)
+    @given(conv_configs(), st.integers(0, 2**16))
+    def test_custom_is_the_adjoint_of_the_loop_reference(self, config, seed):
+        """<dX, u> = <g, conv_loops(u, w)> and <dW, v> = <g, conv_loops(x, v)>: conv is linear in x and in w."""
+        x_shape, w_shape, _, kwargs = config
+        x, w, _ = random_arrays(seed, x_shape, w_shape, False, kwargs["layout"])
+        u, v, _ = random_arrays(seed + 2, x_shape, w_shape, False, kwargs["layout"])
+        g = np.random.default_rng(seed + 1).standard_normal(ops.conv_loops(x, w, **kwargs).shape)
+        dx, dw, _ = gradients("custom", x, w, None, kwargs, g)
+        np.testing.assert_allclose(np.vdot(dx, u), np.vdot(g, ops.conv_loops(u, w, **kwargs)), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(np.vdot(dw, v), np.vdot(g, ops.conv_loops(x, v, **kwargs)), rtol=RTOL, atol=ATOL)
+
+    @settings(max_examples=20)
+    @given(conv_configs(), st.integers(0, 2**16))
+    def test_each_input_gradient_formulation(self, config, seed):
+        """Every dX formulation, whatever the dispatch would pick, equals the textbook one (the dispatch sends
+        empty cotangents nowhere: it returns zeros)."""
+        x_shape, w_shape, _, kwargs = config
+        x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
+        assume(g.size > 0)
+        in_spatial = geometry.spatial_shape(x.shape)
+        expected = input_gradient(g, w, geometry, in_spatial)
+        for formulation in (fast_backward.input_gradient_by_phases, fast_backward.input_gradient_by_col2im):
+            np.testing.assert_allclose(formulation(g, w, geometry, in_spatial), expected, rtol=RTOL, atol=ATOL)
+
+    @settings(max_examples=15)
+    @given(conv_configs(), st.integers(0, 2**16), st.integers(1, 3))
+    def test_weight_gradient_by_chunks(self, config, seed, chunk):
+        x_shape, w_shape, _, kwargs = config
+        x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
+        assume(g.size > 0)
+        np.testing.assert_allclose(fast_backward.weight_gradient_by_chunks(x, g, geometry, w.shape, chunk),
+                                   weight_gradient(x, g, geometry, w.shape), rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+    @pytest.mark.parametrize("shape, expected", [
+        (dict(batch=40, spatial=(6, 6), c_in=2, c_out=24, kernel=3, stride=2, padding=1),
+         "dX phases, dW chunks of 8"),
+        (dict(batch=64, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX col2im, dW chunks of 32"),
+        (dict(batch=3, spatial=(7, 7), c_in=4, c_out=4, kernel=2, stride=3, dilation=2, groups=2),
+         "per group: dX phases, dW textbook"),
+        (dict(batch=2, spatial=(9,), c_in=3, c_out=5, kernel=3, padding=(2, -1)), "as 2-D: dX col2im, dW textbook"),
+    ])
+    def test_dispatched_strategies(self, layout, shape, expected):
+        """Shapes that reach each branch of the CPU dispatch: custom still equals textbook."""
+        shape = dict(shape)
+        batch, spatial, c_in, c_out, k = (shape.pop(n) for n in ("batch", "spatial", "c_in", "c_out", "kernel"))
+        groups, kernel = shape.get("groups", 1), (k,) * len(spatial)
+        x_shape = (batch, *spatial, c_in) if layout == "NHWC" else (batch, c_in, *spatial)
+        w_shape = (*kernel, c_in // groups, c_out) if layout == "NHWC" else (c_out, c_in // groups, *kernel)
+        kwargs = dict(shape, layout=layout)
+        if isinstance(kwargs.get("padding"), tuple):
+            kwargs["padding"] = (kwargs["padding"],)
+        x, w, b = random_arrays(0, x_shape, w_shape, True, layout)
+        g = np.random.default_rng(1).standard_normal(ops.conv(x, w, b, **kwargs).shape)
+        for c, t in zip(gradients("custom", x, w, b, kwargs, g), gradients("textbook", x, w, b, kwargs, g)):
+            np.testing.assert_allclose(c, t, rtol=RTOL, atol=ATOL)
+        plan = fast_backward.plan(conv_geometry(x, w, **kwargs), x_shape, w_shape, itemsize=8, backend="cpu")
+        assert str(plan) == expected
+
+    def test_other_backends_run_the_textbook_formulation(self):
+        geometry = conv_geometry(np.zeros((64, 8, 8, 1)), np.zeros((3, 3, 1, 32)), stride=2)
+        assert str(fast_backward.plan(geometry, (64, 8, 8, 1), (3, 3, 1, 32), backend="gpu")) == (
+            "dX textbook, dW textbook")
+
+
+def test_benchmark_quick_run_writes_results(tmp_path):
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    import bench
+
+    bench.main(["all", "--quick", "--layouts", "NHWC", "--no-torch", "--no-progress", "--out", str(tmp_path),
+                "--name", "smoke"])
+    with open(tmp_path / "smoke.json") as f:
+        results = json.load(f)
+    assert results["machine"]["jax"] and results["machine"]["gemm"]["gflops"] > 0
+    for row in results["layers"]["conv"]:
+        assert all(row[f"{m} fwd+bwd ms"] > 0 for m in ("autodiff", "textbook", "custom"))
+    assert results["training"]["models"][0]["custom images/s"] > 0
+    assert "Convolutions" in (tmp_path / "smoke.md").read_text()
