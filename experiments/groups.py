@@ -6,9 +6,9 @@ with groups = 1, 2, 4 (the lecture: fewer parameters, a regularising effect).
    the hand-derived backward and with autodiff, median of repeats taken in turns.
 2. A small net built from convlib.nn layers: conv 3x3 (1 -> w1) - ReLU - conv (w1 -> w2, g) - ReLU - max-pool -
    conv (w2 -> w2, g) - ReLU - max-pool - conv (w2 -> w3, g) - ReLU - global average pool - linear, trained on
-   Fashion-MNIST for each g from the same seed(s); final train and test error and their gap. On a CPU the grouped
-   convs run as one dense nn.Conv per group on channel slices (--implementation), the same function and
-   parameters, because XLA:CPU's grouped weight gradient is far slower than part 1's FLOPs suggest.
+   Fashion-MNIST for each g from the same seed(s); final train and test error and their gap. The grouped convs are
+   nn.Conv(groups=g), or with --implementation split one dense nn.Conv per group on channel slices (the same
+   function and parameters; useful with backward="autodiff" on a CPU, where XLA's grouped weight gradient is slow).
 
 Writes into --out: layer.csv, training.csv, results.json, groups_layer.png, groups_training.png.
 """
@@ -35,8 +35,8 @@ IMPLEMENTATIONS = ("conv", "split")
 
 class SplitConv(nnx.Module):
     """A grouped 3x3 'same' conv as `groups` dense convs on channel slices, outputs concatenated: the same function
-    and parameters as nn.Conv(..., groups=groups), with a fast weight gradient on XLA:CPU (whose grouped one,
-    batch_group_count, runs 10-100x slower than the dense conv of the same size)."""
+    and parameters as nn.Conv(..., groups=groups), without XLA's grouped weight gradient (batch_group_count),
+    which XLA:CPU runs 10-100x slower than a dense conv of the same size."""
 
     def __init__(self, in_features: int, out_features: int, groups: int, *, rngs: nnx.Rngs):
         self.groups = groups
@@ -95,10 +95,9 @@ def parse_args(argv=None):
                    "--seed+1, ... (default: 1 smoke, 1 default, 3 full)")
     p.add_argument("--train-size", type=int, default=None, help="training images used (default: all; a smaller "
                    "set makes over-fitting, and so regularisation, visible)")
-    p.add_argument("--implementation", choices=("auto", *IMPLEMENTATIONS), default="auto",
-                   help="grouped convs of the trained nets: one grouped nn.Conv, or one dense nn.Conv per group on "
-                        "channel slices (same function and parameters); auto: split on a CPU, where XLA's grouped "
-                        "weight gradient is 10-100x slow (see groups_layer.png), else conv")
+    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="conv",
+                   help="grouped convs of the trained nets: one nn.Conv(groups=g), or one dense nn.Conv per group on "
+                        "channel slices (same function and parameters)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine)")
     fashion_training.add_data_flags(p)
@@ -122,8 +121,6 @@ def parse_args(argv=None):
             args.train_groups) < 1:
         p.error(f"--widths must be 3 ints, each divisible by every --train-groups {args.train_groups}, got "
                 f"{args.widths}")
-    if args.implementation == "auto":
-        args.implementation = "split" if jax.default_backend() == "cpu" else "conv"
     return args
 
 

@@ -21,7 +21,11 @@ SIZES = ("smoke", "default", "full")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default and keeps the description's line breaks."""
+    """Shows each flag's default (unless its help already says it) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
