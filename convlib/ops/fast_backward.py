@@ -6,10 +6,10 @@ textbook sums in another order and skips only the products with the zeros the te
 agree with it to float rounding.
 
 :func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
-experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D convs run as 2-D ones; grouped convs (not plain depthwise) as
-one conv per group; then dX by phases when strided, by col2im when the channels are few, else textbook; dW in
-batch chunks that fit the L2 cache. Other backends run the textbook formulation, which their conv libraries
-take natively.
+experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D and 3-D convs run as 2-D ones; grouped convs (not plain
+depthwise) as one conv per group; then dX by phases when strided, by col2im when the channels are few, else
+textbook; dW in batch chunks that fit the L2 cache. Other backends run the textbook formulation, which their
+conv libraries take natively.
 """
 
 from __future__ import annotations
@@ -225,6 +225,41 @@ def gradients_as_2d(geometry: Geometry, x, w, g, inner: Plan | None = None):
     return jnp.squeeze(dx, space), jnp.squeeze(dw, taps)
 
 
+def gradients_by_depth_taps(geometry: Geometry, x, w, g, inner: Plan | None = None):
+    """(dE/dX, dE/dW) of a 3-D conv as one 2-D conv per depth tap `k`, depth folded into the batch:
+
+        X_k[(n, j)] = X_pad[n, s j + d k]                  (N * D_out, H, W, C): the depth slice tap k reads
+        Y = sum_k X_k (*) W[k]                             2-D convs, G as (N * D_out, H_out, W_out, C_out)
+        dE/dW[k] = dE/dW of the k-th 2-D conv
+        dE/dX[n, s j + d k - lo] += dE/dX_k[(n, j)]        (a strided pad along depth, crops the padding)
+
+    `inner`: the plan of the 2-D convs (None: planned here). Channels-first arrays alike.
+    """
+    depth, n_out = geometry.spatial_axes[0], g.shape[geometry.spatial_axes[0]]
+    (lo, hi), s, d, size = geometry.padding[0], geometry.stride[0], geometry.dilation[0], x.shape[depth]
+    flat = dataclasses.replace(geometry, kernel=geometry.kernel[1:], stride=geometry.stride[1:],
+                               padding=geometry.padding[1:], dilation=geometry.dilation[1:])
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), [(lo, hi, 0) if a == depth else (0, 0, 0) for a in range(x.ndim)])
+    taps_axis = 0 if geometry.layout == "NHWC" else 2
+    dx, dws = jnp.zeros_like(x), []
+    for k in range(geometry.kernel[0]):
+        x_k = lax.slice_in_dim(x_pad, d * k, d * k + s * (n_out - 1) + 1, s, axis=depth)
+        dx_k, dw_k = gradients(flat, _fold_depth(x_k, depth), lax.index_in_dim(w, k, taps_axis, keepdims=False),
+                               _fold_depth(g, depth), inner)
+        dws.append(dw_k)
+        unfolded = jnp.moveaxis(dx_k.reshape(x.shape[0], n_out, *dx_k.shape[1:]), 1, depth)
+        config = [(d * k - lo, size + lo - d * k - s * (n_out - 1) - 1, s - 1) if a == depth else (0, 0, 0)
+                  for a in range(x.ndim)]
+        dx = dx + lax.pad(unfolded, jnp.zeros((), x.dtype), config)
+    return dx, jnp.stack(dws, axis=taps_axis)
+
+
+def _fold_depth(a, depth: int):
+    """(N, D, ...) or (N, C, D, ...) -> (N * D, ...) / (N * D, C, ...): depth joins the batch."""
+    a = jnp.moveaxis(a, depth, 1)
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
 # --------------------------------------------------------------------------- dispatch
 
 L2_BYTES = 1 << 20  # per core, this project's CPUs (AMD EPYC, Xeon): a weight-gradient chunk's operands fit
@@ -235,7 +270,7 @@ MAX_PLANNED_GROUPS = 4  # more groups (depthwise with a multiplier): textbook pe
 INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases,
                    "col2im": input_gradient_by_col2im}
 WEIGHT_GRADIENTS = ("textbook", "chunks")
-LOWERINGS = ("none", "per group", "as 2-D")
+LOWERINGS = ("none", "as 2-D", "depth taps", "per group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +296,8 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
 
     Rules measured on XLA:CPU, which runs a 2-D conv with more than 16 channels on either side in its fast
     conv library (YNNPACK) and every other conv in a slower generic one:
-    - 1-D: as 2-D (the reshape is free) to reach that library;
+    - 1-D: as 2-D (the reshape is free) to reach that library; 3-D: one 2-D conv per depth tap, depth folded
+      into the batch;
     - groups (but a plain depthwise conv, channel multiplier 1): one conv per group, since grouped convs
       never reach it (each planned as below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
     - dX: by phases when strided (no zero insertion); by col2im when C_in <= 8 and the conv is outside
@@ -281,6 +317,16 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
         inner = plan(flat, (*x_shape[:axis], 1, *x_shape[axis:]), (*w_shape[:taps], 1, *w_shape[taps:]), itemsize,
                      "cpu")
         return Plan("as 2-D", inner=inner)
+    if n == 3:
+        flat = dataclasses.replace(geometry, kernel=geometry.kernel[1:], stride=geometry.stride[1:],
+                                   padding=geometry.padding[1:], dilation=geometry.dilation[1:])
+        depth, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
+        n_out = geometry.output_spatial(geometry.spatial_shape(x_shape))[0]
+        folded = list(x_shape)
+        del folded[depth]
+        folded[0] *= n_out
+        inner = plan(flat, tuple(folded), (*w_shape[:taps], *w_shape[taps + 1 :]), itemsize, "cpu")
+        return Plan("depth taps", inner=inner)
     if groups > 1 and not (c_in == groups == c_out):
         one = dataclasses.replace(geometry, groups=1)
         group_x = _with_channels(x_shape, geometry.channel_axis, c_in // groups)
@@ -318,6 +364,8 @@ def gradients(geometry: Geometry, x, w, g, p: Plan | None = None):
         return gradients_as_2d(geometry, x, w, g, p.inner)
     if p.lowering == "per group":
         return gradients_per_group(geometry, x, w, g, p.inner)
+    if p.lowering == "depth taps":
+        return gradients_by_depth_taps(geometry, x, w, g, p.inner)
     dx = INPUT_GRADIENTS[p.input_gradient](g, w, geometry, geometry.spatial_shape(x.shape))
     if p.weight_gradient == "chunks":
         return dx, weight_gradient_by_chunks(x, g, geometry, w.shape, p.chunk)

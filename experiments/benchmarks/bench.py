@@ -39,8 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layouts", default="NHWC,NCHW", help="comma-separated layouts of the conv cases")
     p.add_argument("--gemm-size", type=int, default=None, help="side of the float32 GEMM ceiling (default: 256 "
                    "with --quick, 2048 on a CPU, 8192 on an accelerator)")
-    p.add_argument("--resnet50-batch", type=int, default=0, help="also time ResNet-50 bfloat16 train steps on "
-                   "224x224 inputs with this batch (0: skip; meant for a GPU)")
+    p.add_argument("--modes", default=",".join(layers.CONV_MODES), help="comma-separated conv backward modes of "
+                   "the layer suite; autodiff, the baseline, always runs")
+    p.add_argument("--models", default=None, help="comma-separated models of the training suite, from "
+                   f"{', '.join(training.MODELS)} and resnet50 (bfloat16, 224x224; meant for a GPU) (default: "
+                   "lenet5_modern with --quick, else the first four)")
+    p.add_argument("--batch", type=int, default=None, help="batch of every training-suite model (default: 8 "
+                   "with --quick, else each model's own: " + ", ".join(f"{k} {v[0]}" for k, v in
+                                                                      training.MODELS.items()) + ")")
+    p.add_argument("--resnet50-batch", type=int, default=64, help="batch of resnet50 in the training suite")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -54,8 +61,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.resnet50_batch < 0:
-        p.error(f"--resnet50-batch must be >= 0, got {args.resnet50_batch}")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip() != "autodiff")
+    if not set(modes) <= set(layers.CONV_MODES) or "custom" not in modes:
+        p.error(f"--modes must list custom and other modes from {layers.CONV_MODES}, got {args.modes!r}")
+    args.modes = ("autodiff", *modes)
+    args.models = tuple((args.models or ("lenet5_modern" if args.quick else ",".join(training.MODELS))).split(","))
+    unknown = set(args.models) - {*training.MODELS, training.RESNET50[0]}
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(training.MODELS)}, resnet50")
+    args.batch = args.batch or (8 if args.quick else None)
+    for name in ("batch", "resnet50_batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -86,8 +103,7 @@ def markdown(results: dict) -> str:
         lines += ["## Layers", "",
                   f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
                   f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
-                  f"({s['worst']['layer']}, {s['worst']['layout']}); textbook / autodiff "
-                  f"{s['textbook/autodiff fwd+bwd geomean']:.2f}. Ratios < 1: custom is faster.", "",
+                  f"({s['worst']['layer']}, {s['worst']['layout']}). Ratios < 1: custom is faster.", "",
                   outputs.markdown_table(results["layers"]["conv"], layers.CONV_COLUMNS, "Convolutions"),
                   outputs.markdown_table(results["layers"]["pool"], layers.POOL_COLUMNS, "Pools")]
     if "training" in results:
@@ -106,11 +122,11 @@ def main(argv=None) -> dict:
     results = {"command": command, "config": vars(args), "machine": info, "git": outputs.source_version()}
     with_torch = not args.no_torch
     if args.suite in ("layers", "all"):
-        results["layers"] = layers.run(args.quick, args.repeats, args.layouts, gemm["gflops"], with_torch,
-                                       args.seed, progress)
+        results["layers"] = layers.run(args.quick, args.repeats, args.layouts, args.modes, gemm["gflops"],
+                                       with_torch, args.seed, progress)
     if args.suite in ("training", "all"):
-        results["training"] = training.run(args.quick, args.training_repeats, with_torch, args.resnet50_batch,
-                                           args.seed, progress)
+        results["training"] = training.run(args.models, args.training_repeats, with_torch, args.batch,
+                                           args.resnet50_batch, args.seed, progress)
     name = args.name or machine.short_name(info)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, f"{name}.json"), results)

@@ -13,9 +13,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import gflops, interleaved_times, torch_module
+from machine import gflops, interleaved_times, torch_device, torch_module
 
 from convlib import ops
+from convlib.ops import fast_backward
+from convlib.ops.conv import conv_geometry
 
 CONV_MODES = ("autodiff", "textbook", "custom")
 POOL_MODES = ("autodiff", "custom")
@@ -123,14 +125,14 @@ QUICK_POOL_CASES = (PoolCase("quick max", "max", 2, (8, 8), 4, 3, 2, 1),)
 # --------------------------------------------------------------------------- conv
 
 
-def conv_calls(case: ConvCase, layout: str, key) -> dict:
+def conv_calls(case: ConvCase, layout: str, modes, key) -> dict:
     """name -> (jitted fn, args): "forward" and "<mode> dX" / "<mode> dW" / "<mode> fwd+bwd" for each mode."""
     x, w, b = case.arrays(layout, key)
     options = case.options(layout)
     y = ops.conv(x, w, b, **options)
     g = jax.random.normal(jax.random.fold_in(key, 1), y.shape)
     calls = {"forward": (jax.jit(lambda x, w, b: ops.conv(x, w, b, **options)), (x, w, b))}
-    for mode in CONV_MODES:
+    for mode in modes:
         def f(x, w, b, mode=mode):
             return ops.conv(x, w, b, **options, backward=mode)
 
@@ -149,7 +151,7 @@ def torch_conv_calls(case: ConvCase, torch) -> dict:
     """The same layer in PyTorch eager, channels_last (channels_last_3d for 3-D): forward, dX, dW, fwd+bwd."""
     fn = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[case.ndim]
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(case.ndim, torch.contiguous_format)
-    x, w, b = (torch.from_numpy(np.array(a)) for a in case.arrays("NCHW", jax.random.key(0)))
+    x, w, b = (torch.from_numpy(np.array(a)).to(torch_device(torch)) for a in case.arrays("NCHW", jax.random.key(0)))
     x, w = x.to(memory_format=fmt), w.to(memory_format=fmt)
     conv = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
     with torch.no_grad():
@@ -173,28 +175,39 @@ def _no_grad(torch, fn):
     def call():
         with torch.no_grad():
             fn()
+
+    return _synchronised(torch, call)
+
+
+def _synchronised(torch, fn):
+    """fn, then waiting for the GPU (if any): a time then covers the work, not its launch."""
+    def call():
+        fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     return call
 
 
-def conv_row(case: ConvCase, layout: str, repeats: int, gemm_gflops: float, with_torch: bool, key) -> dict:
+def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm_gflops: float, with_torch: bool, key) -> dict:
     """Times one conv case in one layout; returns its row (ms, GFLOP/s, fraction of GEMM, ratios to autodiff)."""
-    calls = conv_calls(case, layout, key)
+    calls = conv_calls(case, layout, modes, key)
     torch = torch_module() if with_torch else None
     if torch is not None:
         calls.update(torch_conv_calls(case, torch))
     times = interleaved_times(calls, repeats)
     flop = case.flops()
-    row = {"layer": case.name, "layout": layout, "shape": case.describe(), "gflop": flop / 1e9}
+    x, w, _ = case.arrays(layout, key)
+    plan = fast_backward.plan(conv_geometry(x, w, **case.options(layout)), x.shape, w.shape)
+    row = {"layer": case.name, "layout": layout, "shape": case.describe(), "gflop": flop / 1e9,
+           "custom plan": str(plan)}
     for name, t in times.items():
         work = 3 * flop if name.endswith("fwd+bwd") else flop
         row[f"{name} ms"] = t["ms"]
         row[f"{name} cpu_ms"] = t["cpu_ms"]
         row[f"{name} GFLOP/s"] = gflops(work, t["ms"])
         row[f"{name} of GEMM"] = gflops(work, t["ms"]) / gemm_gflops
-    for mode in CONV_MODES[1:]:
+    for mode in modes[1:]:
         for part in ("dX", "dW", "fwd+bwd"):
             row[f"{mode}/autodiff {part}"] = times[f"{mode} {part}"]["ms"] / times[f"autodiff {part}"]["ms"]
         row[f"{mode}/autodiff fwd+bwd cpu"] = (times[f"{mode} fwd+bwd"]["cpu_ms"]
@@ -228,8 +241,8 @@ def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
 
 def _torch_pool_calls(case: PoolCase, x, g, torch) -> dict:
     pool = torch.nn.functional.max_pool2d if case.kind == "max" else torch.nn.functional.avg_pool2d
-    tx = torch.from_numpy(np.array(jnp.moveaxis(x, -1, 1))).contiguous(memory_format=torch.channels_last)
-    tg = torch.from_numpy(np.array(jnp.moveaxis(g, -1, 1))).contiguous(memory_format=torch.channels_last)
+    tx, tg = (torch.from_numpy(np.array(jnp.moveaxis(a, -1, 1))).to(torch_device(torch))
+              .contiguous(memory_format=torch.channels_last) for a in (x, g))
     tx.requires_grad_(True)
 
     def forward():
@@ -239,19 +252,20 @@ def _torch_pool_calls(case: PoolCase, x, g, torch) -> dict:
     def fwd_bwd():
         torch.autograd.grad(pool(tx, case.window, case.stride, case.padding), tx, tg)
 
-    return {"torch forward": (forward, ()), "torch fwd+bwd": (fwd_bwd, ())}
+    return {"torch forward": (_synchronised(torch, forward), ()), "torch fwd+bwd": (_synchronised(torch, fwd_bwd), ())}
 
 
 # --------------------------------------------------------------------------- suite
 
 
-def run(quick: bool, repeats: int, layouts, gemm_gflops: float, with_torch: bool, seed: int, progress) -> dict:
-    """All rows of the layer suite and their summary."""
+def run(quick: bool, repeats: int, layouts, modes, gemm_gflops: float, with_torch: bool, seed: int,
+        progress) -> dict:
+    """All rows of the layer suite and their summary; `modes`: the conv backward modes, "autodiff" first."""
     key = jax.random.key(seed)
     conv_cases = QUICK_CONV_CASES if quick else CONV_CASES
     pool_cases = QUICK_POOL_CASES if quick else POOL_CASES
     jobs = [(c, layout) for c in conv_cases for layout in layouts]
-    conv_rows = [conv_row(c, layout, repeats, gemm_gflops, with_torch, jax.random.fold_in(key, i))
+    conv_rows = [conv_row(c, layout, modes, repeats, gemm_gflops, with_torch, jax.random.fold_in(key, i))
                  for i, (c, layout) in enumerate(progress(jobs, "conv layers"))]
     pool_rows = [pool_row(c, repeats, with_torch, jax.random.fold_in(key, 1000 + i))
                  for i, c in enumerate(progress(pool_cases, "pools"))]
@@ -274,7 +288,6 @@ def summary(rows, cases, gemm_gflops: float) -> dict:
     return {
         "custom/autodiff fwd+bwd geomean": geomean(ratios),
         "custom/autodiff fwd+bwd cpu geomean": geomean([r["custom/autodiff fwd+bwd cpu"] for r in rows]),
-        "textbook/autodiff fwd+bwd geomean": geomean([r["textbook/autodiff fwd+bwd"] for r in rows]),
         "worst": {"layer": worst["layer"], "layout": worst["layout"], "ratio": worst["custom/autodiff fwd+bwd"]},
         "custom dW of GEMM (3x3, >= 16 channels)": {f"{r['layer']} {r['layout']}": r["custom dW of GEMM"]
                                                     for r in wide_3x3},
@@ -285,6 +298,6 @@ def summary(rows, cases, gemm_gflops: float) -> dict:
 CONV_COLUMNS = ("layer", "layout", "shape", "forward GFLOP/s", "autodiff dX GFLOP/s", "custom dX GFLOP/s",
                 "autodiff dW GFLOP/s", "custom dW GFLOP/s", "custom dW of GEMM", "autodiff fwd+bwd ms",
                 "textbook fwd+bwd ms", "custom fwd+bwd ms", "custom/autodiff fwd+bwd",
-                "custom/autodiff fwd+bwd cpu", "torch fwd+bwd ms")
+                "custom/autodiff fwd+bwd cpu", "torch fwd+bwd ms", "custom plan")
 POOL_COLUMNS = ("layer", "shape", "forward ms", "autodiff dX ms", "custom dX ms", "autodiff fwd+bwd ms",
                 "custom fwd+bwd ms", "custom/autodiff fwd+bwd", "torch fwd+bwd ms")

@@ -23,13 +23,19 @@ import outputs  # noqa: E402
 
 
 def torch_module():
-    """PyTorch if importable (the optional reference), else None."""
+    """PyTorch if importable and on JAX's kind of device (CUDA when JAX runs on a GPU), else None."""
     try:
         import torch
     except ImportError:
         return None
+    if jax.default_backend() != "cpu" and not torch.cuda.is_available():
+        return None
     torch.set_num_threads(os.cpu_count() or 1)
     return torch
+
+
+def torch_device(torch) -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, warmup: int = 1) -> dict[str, dict]:

@@ -15,7 +15,6 @@ MODES = ("autodiff", "custom")
 # name -> (batch, input channels, input side)
 MODELS = {"lenet5_modern": (256, 1, 32), "resnet20": (128, 3, 32), "vgg11_small": (128, 3, 32),
           "alexnet_small": (128, 3, 32)}
-QUICK_MODELS = {"lenet5_modern": (8, 1, 32)}
 RESNET50 = ("resnet50", 224)
 
 
@@ -58,13 +57,14 @@ def _torch_models() -> dict:
     return {name: torch_models.train_step for name in torch_models.MODELS}
 
 
-def run(quick: bool, repeats: int, with_torch: bool, resnet50_batch: int, seed: int, progress) -> dict:
-    """Rows of the training suite; with `resnet50_batch` > 0 also ResNet-50 in bfloat16 on 224x224 inputs."""
-    jobs = [(name, *spec, None) for name, spec in (QUICK_MODELS if quick else MODELS).items()]
-    if resnet50_batch:
-        jobs.append((RESNET50[0], resnet50_batch, 3, RESNET50[1], jnp.bfloat16))
-    rows = [model_row(name, batch, channels, size, repeats, with_torch, seed, dtype)
-            for name, batch, channels, size, dtype in progress(jobs, "training steps")]
+def run(names, repeats: int, with_torch: bool, batch: int | None, resnet50_batch: int, seed: int, progress) -> dict:
+    """Rows of the training suite for the models `names` (keys of MODELS, or "resnet50": bfloat16 on 224x224 inputs
+    with batch `resnet50_batch`); `batch` overrides every model's batch."""
+    specs = {**MODELS, RESNET50[0]: (resnet50_batch, 3, RESNET50[1])}
+    jobs = [(name, batch or specs[name][0], *specs[name][1:]) for name in names]
+    rows = [model_row(name, n, channels, size, repeats, with_torch, seed,
+                      jnp.bfloat16 if name == RESNET50[0] else None)
+            for name, n, channels, size in progress(jobs, "training steps")]
     return {"models": rows}
 
 
