@@ -87,10 +87,8 @@ def input_gradient_by_phases(g, w, geometry: Geometry, in_spatial):
     Each phase is :func:`convlib.ops.conv.input_gradient` (groups included); phases
     no tap reaches are zero. g: (N, *out, C_out) or channels first. Returns the input's shape.
     """
-    per_dim = [
-        [_phase(t, h, k, s, d, lo) for t in range(s)]
-        for h, k, s, d, (lo, _) in zip(in_spatial, geometry.kernel, geometry.stride, geometry.dilation, geometry.padding)
-    ]
+    dims = zip(in_spatial, geometry.kernel, geometry.stride, geometry.dilation, geometry.padding)
+    per_dim = [[_phase(t, h, k, s, d, lo) for t in range(s)] for h, k, s, d, (lo, _) in dims]
     dx = jnp.zeros(_input_shape(g, w, geometry, in_spatial), g.dtype)
     for t, phases in zip(itertools.product(*map(range, geometry.stride)), itertools.product(*per_dim)):
         if all(p.taps and p.size for p in phases):
@@ -221,7 +219,8 @@ def gradients_as_2d(geometry: Geometry, x, w, g, inner: Plan | None = None):
     `inner`: the plan of the 2-D conv (None: planned here).
     """
     space, taps = geometry.spatial_axes[0], 0 if geometry.layout == "NHWC" else 2
-    dx, dw = gradients(_as_2d_geometry(geometry), jnp.expand_dims(x, space), jnp.expand_dims(w, taps), jnp.expand_dims(g, space), inner)
+    x, w, g = jnp.expand_dims(x, space), jnp.expand_dims(w, taps), jnp.expand_dims(g, space)
+    dx, dw = gradients(_as_2d_geometry(geometry), x, w, g, inner)
     return jnp.squeeze(dx, space), jnp.squeeze(dw, taps)
 
 
@@ -237,8 +236,7 @@ def gradients_by_depth_taps(geometry: Geometry, x, w, g, inner: Plan | None = No
     """
     depth, n_out = geometry.spatial_axes[0], g.shape[geometry.spatial_axes[0]]
     (lo, hi), s, d, size = geometry.padding[0], geometry.stride[0], geometry.dilation[0], x.shape[depth]
-    flat = dataclasses.replace(geometry, kernel=geometry.kernel[1:], stride=geometry.stride[1:],
-                               padding=geometry.padding[1:], dilation=geometry.dilation[1:])
+    flat = _without_depth(geometry)
     x_pad = lax.pad(x, jnp.zeros((), x.dtype), [(lo, hi, 0) if a == depth else (0, 0, 0) for a in range(x.ndim)])
     taps_axis = 0 if geometry.layout == "NHWC" else 2
     dx, dws = jnp.zeros_like(x), []
@@ -252,6 +250,12 @@ def gradients_by_depth_taps(geometry: Geometry, x, w, g, inner: Plan | None = No
                   for a in range(x.ndim)]
         dx = dx + lax.pad(unfolded, jnp.zeros((), x.dtype), config)
     return dx, jnp.stack(dws, axis=taps_axis)
+
+
+def _without_depth(geometry: Geometry) -> Geometry:
+    """A 3-D geometry's last two spatial dims."""
+    return dataclasses.replace(geometry, kernel=geometry.kernel[1:], stride=geometry.stride[1:],
+                               padding=geometry.padding[1:], dilation=geometry.dilation[1:])
 
 
 def _fold_depth(a, depth: int):
@@ -269,14 +273,13 @@ MAX_PLANNED_GROUPS = 4  # more groups (depthwise with a multiplier): textbook pe
 
 INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases,
                    "col2im": input_gradient_by_col2im}
-WEIGHT_GRADIENTS = ("textbook", "chunks")
-LOWERINGS = ("none", "as 2-D", "depth taps", "per group")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What `backward="custom"` runs for one conv: a lowering, then dX and dW formulations (of the lowered
-    conv: `inner` is its plan when there is a lowering), `chunk` images per dW chunk."""
+    """What `backward="custom"` runs for one conv: a lowering ("none", "as 2-D", "depth taps", "per group")
+    whose convs follow the plan `inner`; or, without one, the dX formulation (a key of `INPUT_GRADIENTS`) and
+    the dW one ("textbook" or "chunks" of `chunk` images)."""
 
     lowering: str = "none"
     input_gradient: str = "textbook"
@@ -318,8 +321,7 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
                      "cpu")
         return Plan("as 2-D", inner=inner)
     if n == 3:
-        flat = dataclasses.replace(geometry, kernel=geometry.kernel[1:], stride=geometry.stride[1:],
-                                   padding=geometry.padding[1:], dilation=geometry.dilation[1:])
+        flat = _without_depth(geometry)
         depth, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
         n_out = geometry.output_spatial(geometry.spatial_shape(x_shape))[0]
         folded = list(x_shape)

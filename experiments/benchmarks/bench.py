@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: 2 with --quick, else 7)")
     p.add_argument("--training-repeats", type=int, default=None, help="timed steps per model (default: --repeats)")
     p.add_argument("--layouts", default="NHWC,NCHW", help="comma-separated layouts of the conv cases")
-    p.add_argument("--gemm-size", type=int, default=None, help="side of the float32 GEMM ceiling (default: 256 "
-                   "with --quick, 2048 on a CPU, 8192 on an accelerator)")
+    p.add_argument("--gemm-size", type=int, default=None, help="side of the float32 GEMM ceiling, timed on its "
+                   "own and in every conv case's rounds (default: 256 with --quick, 1024 on a CPU, 8192 on an "
+                   "accelerator)")
     p.add_argument("--modes", default=",".join(layers.CONV_MODES), help="comma-separated conv backward modes of "
                    "the layer suite; autodiff, the baseline, always runs")
     p.add_argument("--models", default=None, help="comma-separated models of the training suite, from "
@@ -96,7 +97,8 @@ def markdown(results: dict) -> str:
     info, gemm = results["machine"], results["machine"]["gemm"]
     lines = [f"# convlib benchmarks, {info['date'][:10]}", "",
              f"Machine: {outputs.describe(info)}; PyTorch {info['torch'] or 'not installed'}. "
-             f"GEMM ceiling: {gemm['gflops']:.0f} GFLOP/s (float32 {gemm['size']}^3 matmul, same run).",
+             f"GEMM ceiling: {gemm['gflops']:.0f} GFLOP/s (float32 {gemm['size']}^3 matmul, same run; each conv "
+             "row's fraction of GEMM uses the GEMM timed in that row's own rounds).",
              f"Command: `{results['command']}`", ""]
     if "layers" in results:
         s = results["layers"]["summary"]
@@ -104,6 +106,8 @@ def markdown(results: dict) -> str:
                   f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
                   f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
                   f"({s['worst']['layer']}, {s['worst']['layout']}). Ratios < 1: custom is faster.", "",
+                  "custom dW as a fraction of the GEMM timed in the same rounds (3x3 layers with >= 16 channels): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in s["custom dW of GEMM (3x3, >= 16 channels)"].items()), "",
                   outputs.markdown_table(results["layers"]["conv"], layers.CONV_COLUMNS, "Convolutions"),
                   outputs.markdown_table(results["layers"]["pool"], layers.POOL_COLUMNS, "Pools")]
     if "training" in results:
@@ -115,15 +119,15 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     progress = progress_printer(not args.no_progress)
-    accelerator = jax.default_backend() != "cpu"
-    gemm = machine.gemm_ceiling(args.gemm_size or (256 if args.quick else 8192 if accelerator else 2048), args.repeats)
+    gemm_size = args.gemm_size or (256 if args.quick else 8192 if jax.default_backend() != "cpu" else 1024)
+    gemm = machine.gemm_ceiling(gemm_size, args.repeats)
     info = machine.record(gemm)
     command = " ".join(["python", "experiments/benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
     results = {"command": command, "config": vars(args), "machine": info, "git": outputs.source_version()}
     with_torch = not args.no_torch
     if args.suite in ("layers", "all"):
-        results["layers"] = layers.run(args.quick, args.repeats, args.layouts, args.modes, gemm["gflops"],
-                                       with_torch, args.seed, progress)
+        results["layers"] = layers.run(args.quick, args.repeats, args.layouts, args.modes, gemm_size, with_torch,
+                                       args.seed, progress)
     if args.suite in ("training", "all"):
         results["training"] = training.run(args.models, args.training_repeats, with_torch, args.batch,
                                            args.resnet50_batch, args.seed, progress)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import gflops, interleaved_times, torch_device, torch_module
+from machine import gemm_call, gflops, interleaved_times, torch_device, torch_module
 
 from convlib import ops
 from convlib.ops import fast_backward
@@ -91,7 +92,8 @@ class PoolCase:
         return lambda x: pool(x, self.window, self.stride, self.padding, backward=backward)
 
     def describe(self) -> str:
-        return f"{self.batch}x{self.spatial[0]}x{self.spatial[1]}x{self.channels} {self.kind} {self.window}/{self.stride}"
+        size = "x".join(map(str, (self.batch, *self.spatial, self.channels)))
+        return f"{size} {self.kind} {self.window}/{self.stride}"
 
 
 CONV_CASES = (
@@ -189,9 +191,10 @@ def _synchronised(torch, fn):
     return call
 
 
-def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm_gflops: float, with_torch: bool, key) -> dict:
-    """Times one conv case in one layout; returns its row (ms, GFLOP/s, fraction of GEMM, ratios to autodiff)."""
-    calls = conv_calls(case, layout, modes, key)
+def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm, with_torch: bool, key) -> dict:
+    """Times one conv case in one layout, with the GEMM `gemm` (fn, args, flop) in the same rounds; returns its
+    row (ms, GFLOP/s, fraction of that GEMM's GFLOP/s, ratios to autodiff)."""
+    calls = {**conv_calls(case, layout, modes, key), "gemm": gemm[:2]}
     torch = torch_module() if with_torch else None
     if torch is not None:
         calls.update(torch_conv_calls(case, torch))
@@ -199,8 +202,9 @@ def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm_gflops: floa
     flop = case.flops()
     x, w, _ = case.arrays(layout, key)
     plan = fast_backward.plan(conv_geometry(x, w, **case.options(layout)), x.shape, w.shape)
+    gemm_gflops = gflops(gemm[2], times.pop("gemm")["ms"])
     row = {"layer": case.name, "layout": layout, "shape": case.describe(), "gflop": flop / 1e9,
-           "custom plan": str(plan)}
+           "custom plan": str(plan), "gemm GFLOP/s": gemm_gflops}
     for name, t in times.items():
         work = 3 * flop if name.endswith("fwd+bwd") else flop
         row[f"{name} ms"] = t["ms"]
@@ -258,21 +262,22 @@ def _torch_pool_calls(case: PoolCase, x, g, torch) -> dict:
 # --------------------------------------------------------------------------- suite
 
 
-def run(quick: bool, repeats: int, layouts, modes, gemm_gflops: float, with_torch: bool, seed: int,
-        progress) -> dict:
-    """All rows of the layer suite and their summary; `modes`: the conv backward modes, "autodiff" first."""
+def run(quick: bool, repeats: int, layouts, modes, gemm_size: int, with_torch: bool, seed: int, progress) -> dict:
+    """All rows of the layer suite and their summary; `modes`: the conv backward modes, "autodiff" first;
+    each conv row times a float32 GEMM of side `gemm_size` in its rounds, its ceiling."""
+    gemm = gemm_call(gemm_size)
     key = jax.random.key(seed)
     conv_cases = QUICK_CONV_CASES if quick else CONV_CASES
     pool_cases = QUICK_POOL_CASES if quick else POOL_CASES
     jobs = [(c, layout) for c in conv_cases for layout in layouts]
-    conv_rows = [conv_row(c, layout, modes, repeats, gemm_gflops, with_torch, jax.random.fold_in(key, i))
+    conv_rows = [conv_row(c, layout, modes, repeats, gemm, with_torch, jax.random.fold_in(key, i))
                  for i, (c, layout) in enumerate(progress(jobs, "conv layers"))]
     pool_rows = [pool_row(c, repeats, with_torch, jax.random.fold_in(key, 1000 + i))
                  for i, c in enumerate(progress(pool_cases, "pools"))]
-    return {"conv": conv_rows, "pool": pool_rows, "summary": summary(conv_rows, conv_cases, gemm_gflops)}
+    return {"conv": conv_rows, "pool": pool_rows, "summary": summary(conv_rows, conv_cases)}
 
 
-def summary(rows, cases, gemm_gflops: float) -> dict:
+def summary(rows, cases) -> dict:
     """Geometric mean and worst of custom/autodiff (fwd+bwd, wall and CPU time), and the weight gradient's
     fraction of the GEMM ceiling on the 3x3 layers with >= 16 channels."""
     by_name = {c.name: c for c in cases}
@@ -291,12 +296,12 @@ def summary(rows, cases, gemm_gflops: float) -> dict:
         "worst": {"layer": worst["layer"], "layout": worst["layout"], "ratio": worst["custom/autodiff fwd+bwd"]},
         "custom dW of GEMM (3x3, >= 16 channels)": {f"{r['layer']} {r['layout']}": r["custom dW of GEMM"]
                                                     for r in wide_3x3},
-        "gemm_gflops": gemm_gflops,
+        "gemm GFLOP/s median": statistics.median(r["gemm GFLOP/s"] for r in rows),
     }
 
 
 CONV_COLUMNS = ("layer", "layout", "shape", "forward GFLOP/s", "autodiff dX GFLOP/s", "custom dX GFLOP/s",
-                "autodiff dW GFLOP/s", "custom dW GFLOP/s", "custom dW of GEMM", "autodiff fwd+bwd ms",
+                "autodiff dW GFLOP/s", "custom dW GFLOP/s", "gemm GFLOP/s", "custom dW of GEMM", "autodiff fwd+bwd ms",
                 "textbook fwd+bwd ms", "custom fwd+bwd ms", "custom/autodiff fwd+bwd",
                 "custom/autodiff fwd+bwd cpu", "torch fwd+bwd ms", "custom plan")
 POOL_COLUMNS = ("layer", "shape", "forward ms", "autodiff dX ms", "custom dX ms", "autodiff fwd+bwd ms",

@@ -59,11 +59,16 @@ def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, wa
             for name in calls}
 
 
-def gemm_ceiling(size: int, repeats: int) -> dict:
-    """GFLOP/s of a float32 (size x size) @ (size x size) `jnp.matmul`, the ceiling a layer is compared with."""
+def gemm_call(size: int) -> tuple[Callable, tuple, int]:
+    """(jitted fn, args, flop) of a float32 (size x size) @ (size x size) matmul: the ceiling of a layer."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    t = interleaved_times({"gemm": (jax.jit(jnp.matmul), (a, a))}, repeats)["gemm"]
-    flop = 2 * size**3
+    return jax.jit(jnp.matmul), (a, a), 2 * size**3
+
+
+def gemm_ceiling(size: int, repeats: int) -> dict:
+    """GFLOP/s of the float32 GEMM of `gemm_call(size)` on its own."""
+    fn, args, flop = gemm_call(size)
+    t = interleaved_times({"gemm": (fn, args)}, repeats)["gemm"]
     return {"size": size, "dtype": "float32", "ms": t["ms"], "gflops": flop / t["ms"] / 1e6,
             "gflops_per_cpu_second": flop / t["cpu_ms"] / 1e6}
 
