@@ -13,6 +13,7 @@ All three take exactly the arguments of :func:`convlib.ops.conv` (except
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,8 +44,9 @@ def conv_loops(x, w, b=None, **kwargs) -> np.ndarray:
     y[n, o, i] = b[o] + sum over kernel offsets k and the input channels c of o's group
                  of x_pad[n, c, s i + d k] * w[o, c, k]
     """
-    x, w, b, geometry = _prepare(x, w, b, kwargs)
-    x_pad = np.asarray(pad_spatial(jnp.asarray(x), geometry), np.float64)
+    with jax.enable_x64(True):  # float64 inputs stay float64 through the (jnp) padding
+        x, w, b, geometry = _prepare(x, w, b, kwargs)
+        x_pad = np.asarray(pad_spatial(jnp.asarray(x), geometry), np.float64)
     x_pad = _channels_first(x_pad, geometry.layout)
     w = _channels_first(np.asarray(w, np.float64), geometry.layout, kernel=True)
     c_out, c_group = w.shape[:2]
