@@ -7,8 +7,8 @@ agree with it to float rounding.
 
 :func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
 experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D and 3-D convs run as 2-D ones; grouped convs (not plain
-depthwise) as one conv per group; then dX by phases when strided, by col2im when the channels are few, else
-textbook; dW in batch chunks that fit the L2 cache. Other backends run the textbook formulation, which their
+depthwise) as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks that fit
+the L2 cache. Other backends run the textbook formulation, which their
 conv libraries take natively.
 """
 
@@ -24,7 +24,7 @@ from jax import lax
 
 from convlib.ops.conv import bias_gradient, input_gradient, weight_gradient
 from convlib.ops.geometry import Geometry
-from convlib.ops.windows import full_rank, scatter_back, window_offsets
+from convlib.ops.windows import full_rank
 
 
 # --------------------------------------------------------------------------- input gradient by phases
@@ -120,42 +120,6 @@ def _place(part, t, geometry: Geometry, in_spatial):
     sizes = geometry.spatial_shape(part.shape)
     config = [(ti, h - ti - s * (q - 1) - 1, s - 1) for ti, h, s, q in zip(t, in_spatial, geometry.stride, sizes)]
     return lax.pad(part, jnp.zeros((), part.dtype), full_rank(geometry, config, (0, 0, 0)))
-
-
-# --------------------------------------------------------------------------- input gradient by col2im
-
-
-def input_gradient_by_col2im(g, w, geometry: Geometry, in_spatial):
-    """dE/dX as one matrix product and a scatter of its rows (col2im), no correlation.
-
-        T[k, c, n, i] = sum_o W[k, c, o] G[n, i, o]        one GEMM per group:
-                                                            (K * C_in/g, C_out/g) x (C_out/g, N * H_out)
-        dX[n, s i + d k - lo, c] = sum_k T[k, c, n, i]      every tap's rows placed by a strided pad
-
-    Pays off when `K * C_in` is small (first layers), where a correlation with few
-    channels runs slowly. T is built channels-first; dX is transposed to the layout at the end.
-    """
-    n, grp = geometry.ndim, geometry.groups
-    taps = len(list(window_offsets(geometry)))
-    if geometry.layout == "NHWC":
-        c_group, c_out = w.shape[n], w.shape[n + 1]
-        kernel = w.reshape(taps, c_group, grp, c_out // grp)  # (K, C/g, g, O/g)
-        cot = g.reshape(math.prod(g.shape[:-1]), grp, c_out // grp)  # (N * H_out, g, O/g)
-        t = lax.dot_general(kernel, cot, (((3,), (2,)), ((2,), (1,))))  # (g, K, C/g, N * H_out)
-        out = (g.shape[0], *geometry.spatial_shape(g.shape))
-    else:
-        c_out, c_group = w.shape[:2]
-        kernel = w.reshape(grp, c_out // grp, c_group, taps)  # (g, O/g, C/g, K)
-        cot = g.reshape(g.shape[0], grp, c_out // grp, math.prod(g.shape[2:]))  # (N, g, O/g, H_out)
-        t = lax.dot_general(kernel, cot, (((1,), (2,)), ((0,), (1,))))  # (g, C/g, K, N, H_out)
-        t = jnp.swapaxes(t, 1, 2)
-        out = (g.shape[0], *geometry.spatial_shape(g.shape))
-    t = jnp.moveaxis(t.reshape(grp, taps, c_group, *out), 1, 0).reshape(taps, grp * c_group, *out)
-    channels_first = dataclasses.replace(geometry, layout="NCHW")  # (C, N, *spatial): C plays the batch
-    dx = sum(
-        scatter_back(t[j], tap, channels_first, in_spatial) for j, tap in enumerate(window_offsets(geometry))
-    )  # (C_in, N, *in_spatial)
-    return jnp.moveaxis(dx, 0, -1 if geometry.layout == "NHWC" else 1)
 
 
 # --------------------------------------------------------------------------- weight gradient by batch chunks
@@ -267,12 +231,10 @@ def _fold_depth(a, depth: int):
 # --------------------------------------------------------------------------- dispatch
 
 L2_BYTES = 1 << 20  # per core, this project's CPUs (AMD EPYC, Xeon): a weight-gradient chunk's operands fit
-COL2IM_BYTES = 32 << 20  # glibc's largest mmap threshold: larger temporaries are page-faulted in on every call
 
 MAX_PLANNED_GROUPS = 4  # more groups (depthwise with a multiplier): textbook per group, a bounded op count
 
-INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases,
-                   "col2im": input_gradient_by_col2im}
+INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,17 +265,14 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
       into the batch;
     - groups (but a plain depthwise conv, channel multiplier 1): one conv per group, since grouped convs
       never reach it (each planned as below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
-    - dX: by phases when strided (no zero insertion); by col2im when C_in <= 8 and the conv is outside
-      the fast library (a GEMM instead of a correlation with few channels), if its temporary fits
-      `COL2IM_BYTES`; else textbook;
+    - dX: by phases when strided (no zero insertion), else textbook;
     - dW: in batch chunks of 8 images (32 when C_out <= 16, to stay in the fast library) when a chunk's
       operands fit `L2_BYTES` and there are at least two chunks; else textbook.
     """
     if (backend or jax.default_backend()) != "cpu":
         return Plan()
     n, layout, groups = geometry.ndim, geometry.layout, geometry.groups
-    c_in = x_shape[geometry.channel_axis]
-    c_out = w_shape[_kernel_out_axis(geometry)]
+    c_in, c_out = x_shape[geometry.channel_axis], w_shape[_kernel_out_axis(geometry)]
     if n == 1:
         flat = _as_2d_geometry(geometry)
         axis, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
@@ -337,15 +296,8 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
         return Plan("per group", inner=inner)
     in_spatial = geometry.spatial_shape(x_shape)
     out_spatial = geometry.output_spatial(in_spatial)
-    batch, taps = x_shape[0], math.prod(geometry.kernel)
-    fast_library = n == 2 and groups == 1 and max(c_in, c_out) > 16
-    if any(s > 1 for s in geometry.stride):
-        dx = "phases"
-    elif (c_in <= 8 and not fast_library
-          and taps * c_in * batch * math.prod(out_spatial) * itemsize <= COL2IM_BYTES):
-        dx = "col2im"
-    else:
-        dx = "textbook"
+    batch = x_shape[0]
+    dx = "phases" if any(s > 1 for s in geometry.stride) else "textbook"
     chunk = 8 if c_out > 16 else 32
     per_image = (math.prod(in_spatial) * c_in + math.prod(out_spatial) * c_out) * itemsize
     if n == 2 and groups == 1 and batch >= 2 * chunk and chunk * per_image <= L2_BYTES:
