@@ -7,8 +7,7 @@ agree with it to float rounding.
 
 :func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
 experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D and 3-D convs run as 2-D ones; grouped convs (not plain
-depthwise) as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks that fit
-the L2 cache. Other backends run the textbook formulation, which their
+depthwise) as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks. Other backends run the textbook formulation, which their
 conv libraries take natively.
 """
 
@@ -230,7 +229,7 @@ def _fold_depth(a, depth: int):
 
 # --------------------------------------------------------------------------- dispatch
 
-L2_BYTES = 1 << 20  # per core, this project's CPUs (AMD EPYC, Xeon): a weight-gradient chunk's operands fit
+CHUNK = 8  # images per weight-gradient chunk
 
 MAX_PLANNED_GROUPS = 4  # more groups (depthwise with a multiplier): textbook per group, a bounded op count
 
@@ -256,7 +255,7 @@ class Plan:
         return f"dX {self.input_gradient}, dW {dw}"
 
 
-def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str | None = None) -> Plan:
+def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Plan:
     """The formulations `backward="custom"` uses for these static shapes (`backend`: default JAX backend).
 
     Rules measured on XLA:CPU, which runs a 2-D conv with more than 16 channels on either side in its fast
@@ -266,8 +265,8 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
     - groups (but a plain depthwise conv, channel multiplier 1): one conv per group, since grouped convs
       never reach it (each planned as below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
     - dX: by phases when strided (no zero insertion), else textbook;
-    - dW: in batch chunks of 8 images (32 when C_out <= 16, to stay in the fast library) when a chunk's
-      operands fit `L2_BYTES` and there are at least two chunks; else textbook.
+    - dW: in batch chunks of `CHUNK` images when there are at least two (2-D, one group): each chunk's
+      operands stay in cache and the chunks run concurrently; else textbook.
     """
     if (backend or jax.default_backend()) != "cpu":
         return Plan()
@@ -276,8 +275,7 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
     if n == 1:
         flat = _as_2d_geometry(geometry)
         axis, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
-        inner = plan(flat, (*x_shape[:axis], 1, *x_shape[axis:]), (*w_shape[:taps], 1, *w_shape[taps:]), itemsize,
-                     "cpu")
+        inner = plan(flat, (*x_shape[:axis], 1, *x_shape[axis:]), (*w_shape[:taps], 1, *w_shape[taps:]), "cpu")
         return Plan("as 2-D", inner=inner)
     if n == 3:
         flat = _without_depth(geometry)
@@ -286,22 +284,17 @@ def plan(geometry: Geometry, x_shape, w_shape, itemsize: int = 4, backend: str |
         folded = list(x_shape)
         del folded[depth]
         folded[0] *= n_out
-        inner = plan(flat, tuple(folded), (*w_shape[:taps], *w_shape[taps + 1 :]), itemsize, "cpu")
+        inner = plan(flat, tuple(folded), (*w_shape[:taps], *w_shape[taps + 1 :]), "cpu")
         return Plan("depth taps", inner=inner)
     if groups > 1 and not (c_in == groups == c_out):
         one = dataclasses.replace(geometry, groups=1)
         group_x = _with_channels(x_shape, geometry.channel_axis, c_in // groups)
         group_w = _with_channels(w_shape, _kernel_out_axis(geometry), c_out // groups)
-        inner = plan(one, group_x, group_w, itemsize, "cpu") if groups <= MAX_PLANNED_GROUPS else Plan()
+        inner = plan(one, group_x, group_w, "cpu") if groups <= MAX_PLANNED_GROUPS else Plan()
         return Plan("per group", inner=inner)
-    in_spatial = geometry.spatial_shape(x_shape)
-    out_spatial = geometry.output_spatial(in_spatial)
-    batch = x_shape[0]
     dx = "phases" if any(s > 1 for s in geometry.stride) else "textbook"
-    chunk = 8 if c_out > 16 else 32
-    per_image = (math.prod(in_spatial) * c_in + math.prod(out_spatial) * c_out) * itemsize
-    if n == 2 and groups == 1 and batch >= 2 * chunk and chunk * per_image <= L2_BYTES:
-        return Plan(input_gradient=dx, weight_gradient="chunks", chunk=chunk)
+    if n == 2 and groups == 1 and x_shape[0] >= 2 * CHUNK:
+        return Plan(input_gradient=dx, weight_gradient="chunks", chunk=CHUNK)
     return Plan(input_gradient=dx)
 
 
@@ -313,7 +306,7 @@ def gradients(geometry: Geometry, x, w, g, p: Plan | None = None):
     """(dE/dX, dE/dW) of `conv` by the formulations of plan `p` (None: :func:`plan`'s for these shapes)."""
     if g.size == 0 or x.size == 0:  # nothing flows back (a conv with an empty output does not lower)
         return jnp.zeros_like(x), jnp.zeros(w.shape, jnp.result_type(x, g))
-    p = p or plan(geometry, x.shape, w.shape, jnp.dtype(g.dtype).itemsize)
+    p = p or plan(geometry, x.shape, w.shape)
     if p.lowering == "as 2-D":
         return gradients_as_2d(geometry, x, w, g, p.inner)
     if p.lowering == "per group":

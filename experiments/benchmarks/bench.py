@@ -53,15 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
+    for name in ("repeats", "training_repeats", "gemm_size", "batch", "resnet50_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     args.repeats = args.repeats or (2 if args.quick else 7)
     args.training_repeats = args.training_repeats or args.repeats
     args.layouts = tuple(s.strip().upper() for s in args.layouts.split(","))
     if not set(args.layouts) <= {"NHWC", "NCHW"}:
         p.error(f"--layouts must list NHWC and/or NCHW, got {args.layouts!r}")
-    for name in ("repeats", "training_repeats", "gemm_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip() != "autodiff")
     if not set(modes) <= set(layers.CONV_MODES) or "custom" not in modes:
         p.error(f"--modes must list custom and other modes from {layers.CONV_MODES}, got {args.modes!r}")
@@ -71,9 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(training.MODELS)}, resnet50")
     args.batch = args.batch or (8 if args.quick else None)
-    for name in ("batch", "resnet50_batch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -99,7 +96,10 @@ def markdown(results: dict) -> str:
              f"Machine: {outputs.describe(info)}; PyTorch {info['torch'] or 'not installed'}. "
              f"GEMM ceiling: {gemm['gflops']:.0f} GFLOP/s (float32 {gemm['size']}^3 matmul, same run; each conv "
              "row's fraction of GEMM uses the GEMM timed in that row's own rounds).",
-             f"Command: `{results['command']}`", ""]
+             f"Command: `{results['command']}`. Load average (1, 5, 15 min) at start "
+             f"{', '.join(f'{v:.1f}' for v in results['load_average_at_start'])}, at end "
+             f"{', '.join(f'{v:.1f}' for v in results['load_average_at_end'])} (2 cores: above 2 the machine was "
+             "shared).", ""]
     if "layers" in results:
         s = results["layers"]["summary"]
         lines += ["## Layers", "",
@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
     gemm = machine.gemm_ceiling(gemm_size, args.repeats)
     info = machine.record(gemm)
     command = " ".join(["python", "experiments/benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
-    results = {"command": command, "config": vars(args), "machine": info, "git": outputs.source_version()}
+    results = {"command": command, "config": vars(args), "machine": info, "git": outputs.source_version(),
+               "load_average_at_start": os.getloadavg()}
     with_torch = not args.no_torch
     if args.suite in ("layers", "all"):
         results["layers"] = layers.run(args.quick, args.repeats, args.layouts, args.modes, gemm_size, with_torch,
@@ -131,6 +132,7 @@ def main(argv=None) -> dict:
     if args.suite in ("training", "all"):
         results["training"] = training.run(args.models, args.training_repeats, with_torch, args.batch,
                                            args.resnet50_batch, args.seed, progress)
+    results["load_average_at_end"] = os.getloadavg()
     name = args.name or machine.short_name(info)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, f"{name}.json"), results)
