@@ -7,8 +7,8 @@ agree with it to float rounding.
 
 :func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
 experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D and 3-D convs run as 2-D ones; grouped convs (not plain
-depthwise) as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks. Other backends run the textbook formulation, which their
-conv libraries take natively.
+depthwise) as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks. Other
+backends run the textbook formulation, which their conv libraries take natively.
 """
 
 from __future__ import annotations
