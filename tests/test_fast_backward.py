@@ -107,6 +107,7 @@ class TestExact:
         ("NHWC", dict(batch=20, spatial=(6, 6), c_in=2, c_out=24, kernel=3, stride=2, padding=1),
          "dX phases, dW chunks of 8"),
         ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW chunks of 8"),
+        ("NHWC", dict(batch=40, spatial=(2, 2), c_in=3, c_out=2, kernel=3, padding=1), "dX textbook, dW chunks of 16"),
         ("NHWC", dict(batch=3, spatial=(7, 7), c_in=4, c_out=4, kernel=2, stride=3, dilation=2, groups=2),
          "per group: dX phases, dW textbook"),
         ("NCHW", dict(batch=2, spatial=(9,), c_in=3, c_out=5, kernel=3, padding=(2, -1)),

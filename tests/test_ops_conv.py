@@ -133,6 +133,26 @@ def test_padding_larger_than_kernel():
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("backward", ["custom", "textbook"])
+def test_input_narrower_than_kernel_gets_its_padding_materialised_on_cpu(layout, backward):
+    """XLA:CPU's slow path for inputs narrower than the kernel is sidestepped by padding explicitly (behind an
+    optimisation barrier); the sums, forward and backward, are unchanged."""
+    rng = np.random.default_rng(7)
+    x_shape, w_shape = ((2, 2, 3, 4), (3, 5, 4, 3)) if layout == "NHWC" else ((2, 4, 2, 3), (3, 4, 3, 5))
+    x, w, g_seed = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal
+    kwargs = dict(stride=(1, 2), padding=((1, 1), (3, -1)), dilation=(1, 1), layout=layout)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: ops.conv(x, w, backward=backward, **kwargs))(x, w))
+    assert ("optimization_barrier" in jaxpr) == (jax.default_backend() == "cpu")
+    y = ops.conv(x, w, backward=backward, **kwargs)
+    np.testing.assert_allclose(y, ops.conv_loops(x, w, **kwargs), rtol=RTOL, atol=ATOL)
+    g = g_seed(y.shape)
+    _, vjp = jax.vjp(lambda x, w: ops.conv(x, w, backward=backward, **kwargs), x, w)
+    _, reference = jax.vjp(lambda x, w: ops.conv(x, w, backward="autodiff", **kwargs), x, w)
+    for got, want in zip(vjp(g), reference(g)):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
 def test_negative_padding_crops_and_cropped_input_gets_zero_gradient():
     x, w = np.ones((1, 6, 1)), np.ones((1, 1, 1))
     y = ops.conv(x, w, padding=((-2, -1),))

@@ -122,9 +122,49 @@ def _bias_shape(geometry: Geometry, c_out: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- forward and backward
 
 
-def _forward(x, w, b, geometry: Geometry):
-    """Y = X (*) W + b with `lax.conv_general_dilated`."""
-    y = lax.conv_general_dilated(
+def _dilated(size: int, factor: int) -> int:
+    """Length of `size` samples spaced `factor` apart."""
+    return 0 if size == 0 else factor * (size - 1) + 1
+
+
+def _conv_general_dilated(lhs, rhs, *, window_strides, padding, dimension_numbers, lhs_dilation=None, rhs_dilation, **groups):
+    """`lax.conv_general_dilated` (same arguments), working around a slow path of XLA:CPU.
+
+    XLA:CPU runs a conv whose (dilated) input is shorter than the kernel's extent
+    along some spatial dim on a generic loop up to 30x slower than its conv library
+    (a 2x2 map under a 3x3 kernel, as in VGG's last block: 1.1 s against 41 ms). On a
+    CPU such a conv gets its padding and input dilation materialised with `lax.pad`,
+    behind an optimisation barrier so that XLA cannot fold them back; the sums are the same.
+    The hand-derived backward runs its convs through here too; `backward="autodiff"` keeps the plain
+    conv, since JAX's transpose of the materialised padding lands on the slow path again.
+    """
+    lhs_spatial, rhs_spatial = dimension_numbers.lhs_spec[2:], dimension_numbers.rhs_spec[2:]
+    lhs_dilation = lhs_dilation or (1,) * len(lhs_spatial)
+    narrow = any(
+        _dilated(lhs.shape[a], s) < _dilated(rhs.shape[b], d)
+        for a, b, s, d in zip(lhs_spatial, rhs_spatial, lhs_dilation, rhs_dilation)
+    )
+    if narrow and jax.default_backend() == "cpu":
+        widths = [(0, 0, 0)] * lhs.ndim
+        for axis, (lo, hi), s in zip(lhs_spatial, padding, lhs_dilation):
+            widths[axis] = (lo, hi, s - 1)
+        lhs = lax.optimization_barrier(lax.pad(lhs, jnp.zeros((), lhs.dtype), widths))
+        padding, lhs_dilation = [(0, 0)] * len(lhs_spatial), None
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        **groups,
+    )
+
+
+def _forward(x, w, b, geometry: Geometry, conv_general_dilated=_conv_general_dilated):
+    """Y = X (*) W + b with `lax.conv_general_dilated` (or the given drop-in for it)."""
+    y = conv_general_dilated(
         x,
         w,
         window_strides=geometry.stride,
@@ -136,11 +176,6 @@ def _forward(x, w, b, geometry: Geometry):
     if b is not None:
         y = y + b.reshape(_bias_shape(geometry, b.shape[0]))
     return y
-
-
-def _dilated(size: int, factor: int) -> int:
-    """Length of `size` samples spaced `factor` apart."""
-    return 0 if size == 0 else factor * (size - 1) + 1
 
 
 def _flipped_transposed_kernel(w, geometry: Geometry):
@@ -175,7 +210,7 @@ def input_gradient(g, w, geometry: Geometry, in_spatial):
             geometry.effective_kernel, geometry.padding, in_spatial, out_spatial, geometry.stride
         )
     ]
-    return lax.conv_general_dilated(
+    return _conv_general_dilated(
         g,
         _flipped_transposed_kernel(w, geometry),
         window_strides=(1,) * geometry.ndim,
@@ -209,7 +244,7 @@ def weight_gradient(x, g, geometry: Geometry, kernel_shape):
             geometry.effective_kernel, geometry.padding, in_spatial, out_spatial, geometry.stride
         )
     ]
-    return lax.conv_general_dilated(
+    return _conv_general_dilated(
         x,
         g,
         window_strides=geometry.dilation,
@@ -306,7 +341,7 @@ def conv(
     b = None if b is None else jnp.asarray(b, dtype)
     x, geometry = pad_input(x, geometry)
     if backward == "autodiff":
-        return _forward(x, w, b, geometry)
+        return _forward(x, w, b, geometry, lax.conv_general_dilated)
     return _custom_conv(x, w, b, geometry, backward)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from convlib.ops.conv import _as_array, _forward, conv_geometry, pad_input
 from convlib.ops.windows import pad_spatial, window_offsets, window_view
@@ -96,7 +97,8 @@ def conv_lax(x, w, b=None, **kwargs):
     """Cross-correlation with `lax.conv_general_dilated` (autodiff backward). Same arguments as `conv`."""
     x, w, b, geometry = _prepare(x, w, b, kwargs)
     dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
-    return _forward(jnp.asarray(x, dtype), jnp.asarray(w, dtype), None if b is None else jnp.asarray(b, dtype), geometry)
+    b = None if b is None else jnp.asarray(b, dtype)
+    return _forward(jnp.asarray(x, dtype), jnp.asarray(w, dtype), b, geometry, lax.conv_general_dilated)
 
 
 IMPLEMENTATIONS = {"loops": conv_loops, "im2col": conv_im2col, "lax": conv_lax}
