@@ -52,6 +52,16 @@ def prepared(x_shape, w_shape, kwargs, seed):
     return x, jnp.asarray(w), jnp.asarray(g), geometry
 
 
+def as_depthwise(config, multiplier):
+    """A drawn conv config made depthwise (groups = C_in) with `multiplier` filters per input channel."""
+    x_shape, w_shape, _, kwargs = config
+    if kwargs["layout"] == "NHWC":
+        c_in = x_shape[-1]
+        return x_shape, (*w_shape[:-2], 1, c_in * multiplier), {**kwargs, "groups": c_in}
+    c_in = x_shape[1]
+    return x_shape, (c_in * multiplier, 1, *w_shape[2:]), {**kwargs, "groups": c_in}
+
+
 @pytest.mark.usefixtures("float64")
 class TestExact:
     @settings(max_examples=30)
@@ -94,6 +104,19 @@ class TestExact:
         dx = jax.jit(fast_backward.input_gradient_by_phases, static_argnums=(2, 3))(g, w, geometry, in_spatial)
         np.testing.assert_allclose(dx, expected, rtol=RTOL, atol=ATOL)
 
+    @settings(max_examples=20)
+    @given(conv_configs(), st.integers(1, 2), st.integers(0, 2**16))
+    def test_depthwise_gradients_by_taps(self, config, multiplier, seed):
+        """dX and dW of a depthwise conv tap by tap equal the textbook ones, with any channel multiplier."""
+        x_shape, w_shape, kwargs = as_depthwise(config, multiplier)
+        x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
+        assume(g.size > 0)
+        in_spatial = geometry.spatial_shape(x.shape)
+        dx = jax.jit(fast_backward.depthwise_input_gradient, static_argnums=(2, 3))(g, w, geometry, in_spatial)
+        dw = jax.jit(fast_backward.depthwise_weight_gradient, static_argnums=(2, 3))(x, g, geometry, w.shape)
+        np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(dw, weight_gradient(x, g, geometry, w.shape), rtol=RTOL, atol=ATOL)
+
     @settings(max_examples=15)
     @given(conv_configs(), st.integers(0, 2**16), st.integers(1, 3))
     def test_weight_gradient_by_chunks(self, config, seed, chunk):
@@ -110,6 +133,10 @@ class TestExact:
         ("NHWC", dict(batch=40, spatial=(2, 2), c_in=3, c_out=2, kernel=3, padding=1), "dX textbook, dW chunks of 16"),
         ("NHWC", dict(batch=3, spatial=(7, 7), c_in=4, c_out=4, kernel=2, stride=3, dilation=2, groups=2),
          "per group: dX phases, dW textbook"),
+        ("NCHW", dict(batch=2, spatial=(6, 5), c_in=3, c_out=3, kernel=3, stride=2, padding=1, groups=3),
+         "dX taps, dW taps"),
+        ("NHWC", dict(batch=2, spatial=(6, 5), c_in=3, c_out=6, kernel=3, padding=1, groups=3),
+         "per group: dX textbook, dW textbook"),
         ("NCHW", dict(batch=2, spatial=(9,), c_in=3, c_out=5, kernel=3, padding=(2, -1)),
          "as 2-D: dX textbook, dW textbook"),
         ("NCHW", dict(batch=2, spatial=(5, 4, 6), c_in=4, c_out=6, kernel=3, stride=2, dilation=2, padding=2,

@@ -6,9 +6,9 @@ textbook sums in another order and skips only the products with the zeros the te
 agree with it to float rounding.
 
 :func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
-experiments/benchmarks, XLA:CPU of JAX 0.10): 1-D and 3-D convs run as 2-D ones; grouped convs (not plain
-depthwise) as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks. Other
-backends run the textbook formulation, which their conv libraries take natively.
+experiments/benchmarks, XLA:CPU of JAX 0.10): depthwise convs tap by tap; 1-D and 3-D convs as 2-D ones;
+other grouped convs as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks.
+Other backends run the textbook formulation, which their conv libraries take natively.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convlib.ops.conv import bias_gradient, input_gradient, weight_gradient
+from convlib.ops.conv import _dilated, bias_gradient, input_gradient, weight_gradient
 from convlib.ops.geometry import Geometry
-from convlib.ops.windows import full_rank
+from convlib.ops.windows import full_rank, pad_spatial, window_offsets, window_view
 
 
 # --------------------------------------------------------------------------- input gradient by phases
@@ -140,6 +140,56 @@ def weight_gradient_by_chunks(x, g, geometry: Geometry, kernel_shape, chunk: int
     )
 
 
+# --------------------------------------------------------------------------- depthwise convs by taps
+
+
+def depthwise_weight_gradient(x, g, geometry: Geometry, kernel_shape):
+    """dE/dW of a depthwise conv (groups = C_in; m = C_out / C_in filters per input channel), tap by tap:
+
+        dE/dW[k, 0, c m + j] = sum_{n, i} X_pad[n, s i + d k, c] G[n, i, c m + j]
+
+    each tap the input's shifted view times G, summed over batch and space: loop fusions instead of
+    XLA:CPU's slow `batch_group_count` conv. Returns the kernel's shape.
+    """
+    multiplier = g.shape[geometry.channel_axis] // geometry.groups
+    x_pad = jnp.repeat(pad_spatial(x, geometry), multiplier, axis=geometry.channel_axis)
+    out_spatial = geometry.spatial_shape(g.shape)
+    batch_and_space = tuple(a for a in range(g.ndim) if a != geometry.channel_axis)
+    taps = jnp.stack([jnp.sum(window_view(x_pad, k, geometry, out_spatial) * g, axis=batch_and_space)
+                      for k in window_offsets(geometry)])  # (prod K, C_out)
+    return taps.reshape(kernel_shape) if geometry.layout == "NHWC" else taps.T.reshape(kernel_shape)
+
+
+def depthwise_input_gradient(g, w, geometry: Geometry, in_spatial):
+    """dE/dX of a depthwise conv, tap by tap (G_full: G dilated by s and padded as for the textbook dE/dX):
+
+        dE/dX[n, h, c] = sum_j sum_k G_full[n, h + d k, c m + j] W[K - 1 - k, 0, c m + j]
+
+    the shifted views of G_full scaled per channel and added (one loop fusion), then the m filters of each
+    input channel summed. Returns the input's shape.
+    """
+    out_spatial = geometry.spatial_shape(g.shape)
+    pads = [(_dilated(k, d) - 1 - lo, h + lo - _dilated(o, s), s - 1)
+            for k, d, (lo, _), h, o, s in zip(geometry.kernel, geometry.dilation, geometry.padding, in_spatial,
+                                               out_spatial, geometry.stride)]
+    g_full = lax.pad(g, jnp.zeros((), g.dtype), full_rank(geometry, pads, (0, 0, 0)))
+    unit_stride = dataclasses.replace(geometry, stride=(1,) * geometry.ndim)
+    per_channel = tuple(-1 if a == geometry.channel_axis else 1 for a in range(g.ndim))
+    dx = sum(window_view(g_full, k, unit_stride, in_spatial) * _tap(w, _flipped(k, geometry), geometry).reshape(per_channel)
+             for k in window_offsets(geometry))
+    axis, c_in = geometry.channel_axis, geometry.groups
+    return dx.reshape(*dx.shape[:axis], c_in, -1, *dx.shape[axis + 1 :]).sum(axis + 1)
+
+
+def _tap(w, k, geometry: Geometry):
+    """The weights (C_out,) of kernel tap `k` of a depthwise kernel (*K, 1, C_out) or (C_out, 1, *K)."""
+    return w[(*k, 0)] if geometry.layout == "NHWC" else w[(slice(None), 0, *k)]
+
+
+def _flipped(k, geometry: Geometry) -> tuple[int, ...]:
+    return tuple(size - 1 - i for size, i in zip(geometry.kernel, k))
+
+
 # --------------------------------------------------------------------------- lowerings
 
 
@@ -232,16 +282,16 @@ def _fold_depth(a, depth: int):
 CHUNK = 8  # fewest images per weight-gradient chunk
 CHUNK_PIXELS = 1024  # output pixels a weight-gradient chunk aims at (small maps take more images)
 
-MAX_PLANNED_GROUPS = 4  # more groups (depthwise with a multiplier): textbook per group, a bounded op count
+MAX_PLANNED_GROUPS = 4  # more groups: textbook per group, a bounded op count
 
-INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases}
+INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phases, "taps": depthwise_input_gradient}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What `backward="custom"` runs for one conv: a lowering ("none", "as 2-D", "depth taps", "per group")
     whose convs follow the plan `inner`; or, without one, the dX formulation (a key of `INPUT_GRADIENTS`) and
-    the dW one ("textbook" or "chunks" of `chunk` images)."""
+    the dW one ("textbook", "chunks" of `chunk` images, or "taps" for depthwise convs)."""
 
     lowering: str = "none"
     input_gradient: str = "textbook"
@@ -263,8 +313,10 @@ def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Pl
     conv library (YNNPACK) and every other conv in a slower generic one:
     - 1-D: as 2-D (the reshape is free) to reach that library; 3-D: one 2-D conv per depth tap, depth folded
       into the batch;
-    - groups (but a plain depthwise conv, channel multiplier 1): one conv per group, since grouped convs
-      never reach it (each planned as below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
+    - depthwise (groups = C_in = C_out): dX and dW tap by tap, elementwise (XLA:CPU's depthwise convs run
+      at ~1 GFLOP/s; with a channel multiplier, one conv per group measured faster);
+    - other groups: one conv per group, since grouped convs never reach that library (each planned as
+      below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
     - dX: by phases when strided (no zero insertion), else textbook;
     - dW: in batch chunks when there are at least two (2-D, one group): each chunk's operands stay in
       cache and the chunks run concurrently; else textbook. A chunk holds `CHUNK` images, or on maps of
@@ -275,6 +327,8 @@ def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Pl
         return Plan()
     n, layout, groups = geometry.ndim, geometry.layout, geometry.groups
     c_in, c_out = x_shape[geometry.channel_axis], w_shape[_kernel_out_axis(geometry)]
+    if 1 < groups == c_in == c_out:
+        return Plan(input_gradient="taps", weight_gradient="taps")
     if n == 1:
         flat = _as_2d_geometry(geometry)
         axis, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
@@ -289,7 +343,7 @@ def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Pl
         folded[0] *= n_out
         inner = plan(flat, tuple(folded), (*w_shape[:taps], *w_shape[taps + 1 :]), "cpu")
         return Plan("depth taps", inner=inner)
-    if groups > 1 and not (c_in == groups == c_out):
+    if groups > 1:
         one = dataclasses.replace(geometry, groups=1)
         group_x = _with_channels(x_shape, geometry.channel_axis, c_in // groups)
         group_w = _with_channels(w_shape, _kernel_out_axis(geometry), c_out // groups)
@@ -331,6 +385,8 @@ def gradients(geometry: Geometry, x, w, g, p: Plan | None = None):
     dx = INPUT_GRADIENTS[p.input_gradient](g, w, geometry, geometry.spatial_shape(x.shape))
     if p.weight_gradient == "chunks":
         return dx, weight_gradient_by_chunks(x, g, geometry, w.shape, p.chunk)
+    if p.weight_gradient == "taps":
+        return dx, depthwise_weight_gradient(x, g, geometry, w.shape)
     return dx, weight_gradient(x, g, geometry, w.shape)
 
 

@@ -105,6 +105,8 @@ CONV_CASES = (
     ConvCase("ResNet-20 stage 2", 128, (16, 16), 32, 32, 3, padding=1),
     ConvCase("ResNet-20 down 3", 128, (16, 16), 32, 64, 3, stride=2, padding=1),
     ConvCase("ResNet-20 stage 3", 128, (8, 8), 64, 64, 3, padding=1),
+    ConvCase("VGG-small block 4", 128, (4, 4), 512, 512, 3, padding=1),
+    ConvCase("VGG-small block 5", 128, (2, 2), 512, 512, 3, padding=1),
     ConvCase("dilated 2", 128, (16, 16), 32, 32, 3, padding=2, dilation=2),
     ConvCase("AlexNet-small conv2 g2", 128, (15, 15), 48, 128, 5, padding=2, groups=2),
     ConvCase("AlexNet-small conv4 g2", 128, (7, 7), 192, 192, 3, padding=1, groups=2),
