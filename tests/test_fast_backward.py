@@ -138,7 +138,8 @@ class TestExact:
         ("NHWC", dict(batch=2, spatial=(6, 5), c_in=3, c_out=6, kernel=3, padding=1, groups=3),
          "per group: dX textbook, dW textbook"),
         ("NCHW", dict(batch=2, spatial=(9,), c_in=3, c_out=5, kernel=3, padding=(2, -1)),
-         "as 2-D: dX textbook, dW textbook"),
+         "dX textbook, dW textbook"),
+        ("NHWC", dict(batch=16, spatial=(9,), c_in=3, c_out=5, kernel=3, stride=2), "dX phases, dW chunks of 8"),
         ("NCHW", dict(batch=2, spatial=(5, 4, 6), c_in=4, c_out=6, kernel=3, stride=2, dilation=2, padding=2,
                       groups=2), "depth taps: per group: dX phases, dW textbook"),
     ])

@@ -6,8 +6,8 @@ textbook sums in another order and skips only the products with the zeros the te
 agree with it to float rounding.
 
 :func:`plan` picks, from static shapes only, what `backward="custom"` runs. On a CPU (measured with
-experiments/benchmarks, XLA:CPU of JAX 0.10): depthwise convs tap by tap; 1-D and 3-D convs as 2-D ones;
-other grouped convs as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks.
+experiments/benchmarks, XLA:CPU of JAX 0.10): depthwise convs tap by tap; 3-D convs as 2-D ones; other
+grouped convs as one conv per group; then dX by phases when strided, else textbook; dW in batch chunks.
 Other backends run the textbook formulation, which their conv libraries take natively.
 """
 
@@ -218,25 +218,6 @@ def gradients_per_group(geometry: Geometry, x, w, g, inner: Plan | None = None):
             jnp.concatenate(dws, axis=_kernel_out_axis(geometry)))
 
 
-def _as_2d_geometry(geometry: Geometry) -> Geometry:
-    """A 1-D geometry with a unit spatial dim in front."""
-    return dataclasses.replace(geometry, kernel=(1, *geometry.kernel), stride=(1, *geometry.stride),
-                               padding=((0, 0), *geometry.padding), dilation=(1, *geometry.dilation))
-
-
-def gradients_as_2d(geometry: Geometry, x, w, g, inner: Plan | None = None):
-    """(dE/dX, dE/dW) of a 1-D conv as the 2-D conv with a unit spatial dim in front (a reshape):
-
-        X (N, H, C) -> (N, 1, H, C),  W (K, C/g, O) -> (1, K, C/g, O),  G likewise   (channels first alike)
-
-    `inner`: the plan of the 2-D conv (None: planned here).
-    """
-    space, taps = geometry.spatial_axes[0], 0 if geometry.layout == "NHWC" else 2
-    x, w, g = jnp.expand_dims(x, space), jnp.expand_dims(w, taps), jnp.expand_dims(g, space)
-    dx, dw = gradients(_as_2d_geometry(geometry), x, w, g, inner)
-    return jnp.squeeze(dx, space), jnp.squeeze(dw, taps)
-
-
 def gradients_by_depth_taps(geometry: Geometry, x, w, g, inner: Plan | None = None):
     """(dE/dX, dE/dW) of a 3-D conv as one 2-D conv per depth tap `k`, depth folded into the batch:
 
@@ -289,7 +270,7 @@ INPUT_GRADIENTS = {"textbook": input_gradient, "phases": input_gradient_by_phase
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What `backward="custom"` runs for one conv: a lowering ("none", "as 2-D", "depth taps", "per group")
+    """What `backward="custom"` runs for one conv: a lowering ("none", "depth taps", "per group")
     whose convs follow the plan `inner`; or, without one, the dX formulation (a key of `INPUT_GRADIENTS`) and
     the dW one ("textbook", "chunks" of `chunk` images, or "taps" for depthwise convs)."""
 
@@ -311,14 +292,13 @@ def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Pl
 
     Rules measured on XLA:CPU, which runs a 2-D conv with more than 16 channels on either side in its fast
     conv library (YNNPACK) and every other conv in a slower generic one:
-    - 1-D: as 2-D (the reshape is free) to reach that library; 3-D: one 2-D conv per depth tap, depth folded
-      into the batch;
+    - 3-D: one 2-D conv per depth tap, depth folded into the batch;
     - depthwise (groups = C_in = C_out): dX and dW tap by tap, elementwise (XLA:CPU's depthwise convs run
       at ~1 GFLOP/s; with a channel multiplier, one conv per group measured faster);
     - other groups: one conv per group, since grouped convs never reach that library (each planned as
       below for up to `MAX_PLANNED_GROUPS` groups, else textbook);
     - dX: by phases when strided (no zero insertion), else textbook;
-    - dW: in batch chunks when there are at least two (2-D, one group): each chunk's operands stay in
+    - dW: in batch chunks when there are at least two (1-D or 2-D): each chunk's operands stay in
       cache and the chunks run concurrently; else textbook. A chunk holds `CHUNK` images, or on maps of
       fewer than `CHUNK_PIXELS / CHUNK` output pixels the power of two nearest below `CHUNK_PIXELS` pixels
       (VGG's 4x4 512-channel dW: 8 images 63 GFLOP/s, 64 images 164, textbook 124).
@@ -329,11 +309,6 @@ def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Pl
     c_in, c_out = x_shape[geometry.channel_axis], w_shape[_kernel_out_axis(geometry)]
     if 1 < groups == c_in == c_out:
         return Plan(input_gradient="taps", weight_gradient="taps")
-    if n == 1:
-        flat = _as_2d_geometry(geometry)
-        axis, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
-        inner = plan(flat, (*x_shape[:axis], 1, *x_shape[axis:]), (*w_shape[:taps], 1, *w_shape[taps:]), "cpu")
-        return Plan("as 2-D", inner=inner)
     if n == 3:
         flat = _without_depth(geometry)
         depth, taps = geometry.spatial_axes[0], 0 if layout == "NHWC" else 2
@@ -351,7 +326,7 @@ def plan(geometry: Geometry, x_shape, w_shape, backend: str | None = None) -> Pl
         return Plan("per group", inner=inner)
     dx = "phases" if any(s > 1 for s in geometry.stride) else "textbook"
     chunk = _weight_gradient_chunk(x_shape[0], math.prod(geometry.output_spatial(geometry.spatial_shape(x_shape))))
-    if n == 2 and groups == 1 and chunk:
+    if chunk:
         return Plan(input_gradient=dx, weight_gradient="chunks", chunk=chunk)
     return Plan(input_gradient=dx)
 
@@ -376,8 +351,6 @@ def gradients(geometry: Geometry, x, w, g, p: Plan | None = None):
     if g.size == 0 or x.size == 0:  # nothing flows back (a conv with an empty output does not lower)
         return jnp.zeros_like(x), jnp.zeros(w.shape, jnp.result_type(x, g))
     p = p or plan(geometry, x.shape, w.shape)
-    if p.lowering == "as 2-D":
-        return gradients_as_2d(geometry, x, w, g, p.inner)
     if p.lowering == "per group":
         return gradients_per_group(geometry, x, w, g, p.inner)
     if p.lowering == "depth taps":

@@ -3,7 +3,8 @@
 With window `K`, stride `s` and padding `(lo, hi)` per spatial dim, output `i`
 reads the padded input at `s i + k` for the window offsets `k`. The backward
 scatters each output's cotangent `G[i]` back to those positions, one window
-offset at a time (a strided `lax.pad` per offset), and crops the padding:
+offset at a time (a strided `lax.pad` per offset; for an average over windows that tile the input,
+stride = window, a repeat of each spatial dim), and crops the padding:
 
     max:  dE/dX[s i + k] += G[i]          for the FIRST k (row-major) where X[s i + k] == Y[i]
     avg:  dE/dX[s i + k] += G[i] / D[i]   for every k, D = the divisor of the forward
@@ -161,12 +162,24 @@ def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape,
     in_spatial = geometry.spatial_shape(x_shape)
     divisor = avg_pool_divisor(geometry, explicit_padding, in_spatial, count_include_pad)
     share = g / jnp.asarray(divisor.reshape(full_rank(geometry, divisor.shape, 1)), g.dtype)
-    dx = jnp.zeros(x_shape, g.dtype)
     if g.size == 0:
-        return (dx,)
-    for offset in window_offsets(geometry):
-        dx = dx + scatter_back(share, offset, geometry, in_spatial)
+        return (jnp.zeros(x_shape, g.dtype),)
+    if geometry.stride == geometry.kernel:
+        dx = _spread_over_tiles(share, geometry, in_spatial)
+    else:
+        dx = sum(scatter_back(share, offset, geometry, in_spatial) for offset in window_offsets(geometry))
     return (sum_to_primal_axes(dx, x_type),)
+
+
+def _spread_over_tiles(share, geometry: Geometry, in_spatial):
+    """dE/dX when the windows tile the input (stride = window): position `s i + k` takes `share[i]` alone,
+    so each spatial dim is repeated `K` times, then cropped to the input (the padding and the rows no
+    window reads get nothing)."""
+    for axis, k in zip(geometry.spatial_axes, geometry.kernel):
+        share = jnp.repeat(share, k, axis=axis)
+    crops = [(-lo, h + lo - tiled, 0) for (lo, _), h, tiled in
+             zip(geometry.padding, in_spatial, geometry.spatial_shape(share.shape))]
+    return lax.pad(share, jnp.zeros((), share.dtype), full_rank(geometry, crops, (0, 0, 0)))
 
 
 _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
