@@ -15,10 +15,13 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
-@pytest.fixture(scope="module")
-def x64():
-    """Float64 for the tests of one module (tight tolerances); restores the previous setting."""
+def _float64():
+    """Float64 while the fixture lives (tight tolerances); restores the previous setting."""
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+x64 = pytest.fixture(scope="module", name="x64")(_float64)  # for every test of one module
+x64_class = pytest.fixture(scope="class", name="x64_class")(_float64)  # for the tests of one class

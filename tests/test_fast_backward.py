@@ -23,15 +23,6 @@ RTOL = ATOL = 1e-10
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "benchmarks")
 
 
-@pytest.fixture(scope="class")
-def float64():
-    """Float64 for one test class; restores the previous setting."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def gradients(backward, x, w, b, kwargs, g):
     """(dX, dW, db) of <g, conv(x, w, b)> with the given backward mode (compiled: one program, not op by op)."""
 
@@ -62,7 +53,7 @@ def as_depthwise(config, multiplier):
     return x_shape, (c_in * multiplier, 1, *w_shape[2:]), {**kwargs, "groups": c_in}
 
 
-@pytest.mark.usefixtures("float64")
+@pytest.mark.usefixtures("x64_class")
 class TestExact:
     @settings(max_examples=30)
     @given(conv_configs(), st.integers(0, 2**16))
