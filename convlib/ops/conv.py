@@ -127,7 +127,9 @@ def _dilated(size: int, factor: int) -> int:
     return 0 if size == 0 else factor * (size - 1) + 1
 
 
-def _conv_general_dilated(lhs, rhs, *, window_strides, padding, dimension_numbers, lhs_dilation=None, rhs_dilation, **groups):
+def _conv_general_dilated(
+    lhs, rhs, *, window_strides, padding, dimension_numbers, lhs_dilation=None, rhs_dilation, **groups
+):
     """`lax.conv_general_dilated` (same arguments), working around a slow path of XLA:CPU.
 
     XLA:CPU runs a conv whose (dilated) input is shorter than the kernel's extent

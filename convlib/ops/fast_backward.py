@@ -169,25 +169,21 @@ def depthwise_input_gradient(g, w, geometry: Geometry, in_spatial):
     input channel summed. Returns the input's shape.
     """
     out_spatial = geometry.spatial_shape(g.shape)
-    pads = [(_dilated(k, d) - 1 - lo, h + lo - _dilated(o, s), s - 1)
-            for k, d, (lo, _), h, o, s in zip(geometry.kernel, geometry.dilation, geometry.padding, in_spatial,
-                                               out_spatial, geometry.stride)]
+    pads = [(k - 1 - lo, h + lo - _dilated(o, s), s - 1) for k, (lo, _), h, o, s in
+            zip(geometry.effective_kernel, geometry.padding, in_spatial, out_spatial, geometry.stride)]
     g_full = lax.pad(g, jnp.zeros((), g.dtype), full_rank(geometry, pads, (0, 0, 0)))
     unit_stride = dataclasses.replace(geometry, stride=(1,) * geometry.ndim)
     per_channel = tuple(-1 if a == geometry.channel_axis else 1 for a in range(g.ndim))
-    dx = sum(window_view(g_full, k, unit_stride, in_spatial) * _tap(w, _flipped(k, geometry), geometry).reshape(per_channel)
+    dx = sum(window_view(g_full, k, unit_stride, in_spatial) * _flipped_tap(w, k, geometry).reshape(per_channel)
              for k in window_offsets(geometry))
     axis, c_in = geometry.channel_axis, geometry.groups
     return dx.reshape(*dx.shape[:axis], c_in, -1, *dx.shape[axis + 1 :]).sum(axis + 1)
 
 
-def _tap(w, k, geometry: Geometry):
-    """The weights (C_out,) of kernel tap `k` of a depthwise kernel (*K, 1, C_out) or (C_out, 1, *K)."""
+def _flipped_tap(w, k, geometry: Geometry):
+    """The weights (C_out,) of tap `K - 1 - k` of a depthwise kernel (*K, 1, C_out) or (C_out, 1, *K)."""
+    k = tuple(size - 1 - i for size, i in zip(geometry.kernel, k))
     return w[(*k, 0)] if geometry.layout == "NHWC" else w[(slice(None), 0, *k)]
-
-
-def _flipped(k, geometry: Geometry) -> tuple[int, ...]:
-    return tuple(size - 1 - i for size, i in zip(geometry.kernel, k))
 
 
 # --------------------------------------------------------------------------- lowerings
