@@ -26,12 +26,21 @@ def _take_batch(images, labels, order, start, key, *, batch_size, transform):
     return {"image": image, "label": jnp.take(labels, index, axis=0)}
 
 
+def epoch_order(key: jax.Array, n: int, shuffle: bool) -> jax.Array:
+    """The order (n,) in which one epoch of :func:`batches` visits the examples: a permutation drawn from the
+    first key of ``jax.random.split(key)``, or ``0 .. n-1``."""
+    return jax.random.permutation(jax.random.split(key)[0], n) if shuffle else jnp.arange(n)
+
+
+def batch_starts(n: int, batch_size: int, drop_remainder: bool) -> range:
+    """The first position (in :func:`epoch_order`) of each batch of one epoch."""
+    return range(0, n - n % batch_size if drop_remainder else n, batch_size)
+
+
 def _iterate(key, images, labels, batch_size, shuffle, drop_remainder, transform):
     n = images.shape[0]
-    order_key, transform_key = jax.random.split(key)
-    order = jax.random.permutation(order_key, n) if shuffle else jnp.arange(n)
-    stop = n - n % batch_size if drop_remainder else n
-    for step, start in enumerate(range(0, stop, batch_size)):
+    order, transform_key = epoch_order(key, n, shuffle), jax.random.split(key)[1]
+    for step, start in enumerate(batch_starts(n, batch_size, drop_remainder)):
         yield _take_batch(images, labels, order, start, jax.random.fold_in(transform_key, step),
                           batch_size=min(batch_size, n - start), transform=transform)
 

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from convlib.data.pipeline import batch_starts, epoch_order
+
 AUTO = "auto"
 
 
@@ -138,10 +140,8 @@ def process_batches(
     if drop_remainder and batch_size % count:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {count} processes")
     n = labels.shape[0]
-    order = jax.random.permutation(jax.random.split(key)[0], n) if shuffle else jnp.arange(n)  # data.batches' order
-    rows = -(-batch_size // count)
-    stop = n - n % batch_size if drop_remainder else n
-    for start in range(0, stop, batch_size):
+    order, rows = epoch_order(key, n, shuffle), -(-batch_size // count)
+    for start in batch_starts(n, batch_size, drop_remainder):
         positions = start + index * rows + jnp.arange(rows)
         end = min(start + batch_size, n)
         take = order[jnp.minimum(positions, n - 1)]
