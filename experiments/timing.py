@@ -1,4 +1,10 @@
-"""Wall-clock timing of compiled JAX functions: the median of repeated calls after compilation."""
+"""Timing of compiled JAX functions: medians of repeated calls after compilation, taken in turns.
+
+Timing is interleaved: each round calls every function once, in turn, so a change in the load of a shared machine
+falls on all of them alike and their ratios stay fair. Every call is waited for with `jax.block_until_ready`, so the
+time is the computation's, not its dispatch. Both the wall time and the process CPU time (all threads) are recorded;
+the CPU time is the steadier of the two on a busy machine.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +15,32 @@ from collections.abc import Callable
 import jax
 
 
-def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of `fn(*args)` over `repeats` calls, after `warmup` calls (the first compiles).
-
-    Every call is waited for with `jax.block_until_ready`, so the time is the computation's, not its dispatch.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats!r} and {warmup!r}")
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def median_times(calls: dict[str, tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each `fn(*args)` in `calls` (name -> (fn, args)), timed in turns: one call of each per
-    round, so that a change in the machine's load falls on all of them alike (fairer ratios on a shared machine)."""
+def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Median wall and CPU milliseconds of each `fn(*args)` in `calls` (name -> (fn, args)), after `warmup`
+    calls each (the first compiles). A PyTorch function must synchronise itself.
+    Returns name -> {"ms": wall, "cpu_ms": process CPU time}."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats!r} and {warmup!r}")
     for fn, args in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
     for _ in range(repeats):
         for name, (fn, args) in calls.items():
-            start = time.perf_counter()
+            start_cpu, start = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"ms": 1e3 * statistics.median(wall[name]), "cpu_ms": 1e3 * statistics.median(cpu[name])}
+            for name in calls}
+
+
+def median_times(calls: dict[str, tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall seconds of each `fn(*args)` in `calls` (name -> (fn, args)), timed in turns."""
+    return {name: t["ms"] / 1e3 for name, t in interleaved_times(calls, repeats, warmup).items()}
+
+
+def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of `fn(*args)` over `repeats` calls, after `warmup` calls (the first compiles)."""
+    return median_times({"fn": (fn, args)}, repeats, warmup)["fn"]

@@ -14,7 +14,8 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import gemm_call, gflops, interleaved_times, torch_device, torch_module
+from machine import gemm_call, gflops, torch_device, torch_module
+from timing import interleaved_times
 
 from convlib import ops
 from convlib.ops import fast_backward

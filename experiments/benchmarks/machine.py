@@ -1,25 +1,20 @@
-"""What the benchmark suites share: the machine's record with its GEMM ceiling, and interleaved timing.
-
-Timing is interleaved: each round calls every function once, in turn, so a change in the load of a shared
-machine falls on all of them alike and their ratios stay fair. Both the wall time and the process CPU time
-(all threads) of each call are recorded; the CPU time is the steadier of the two on a busy machine.
-"""
+"""What the benchmark suites share: the machine's record with its GEMM ceiling (timed with experiments/timing.py's
+interleaved timing, which the suites use too)."""
 
 from __future__ import annotations
 
 import os
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/: outputs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/: outputs, timing
 
 import outputs  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 
 
 def torch_module():
@@ -36,27 +31,6 @@ def torch_module():
 
 def torch_device(torch) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, warmup: int = 1) -> dict[str, dict]:
-    """Median wall and CPU milliseconds of each `fn(*args)` in `calls` (name -> (fn, args)), after `warmup`
-    calls each (the first compiles). Results are waited for with `jax.block_until_ready`; a PyTorch function
-    must synchronise itself. Returns name -> {"ms": wall, "cpu_ms": process CPU time}."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats!r} and {warmup!r}")
-    for fn, args in calls.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    wall = {name: [] for name in calls}
-    cpu = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (fn, args) in calls.items():
-            start_cpu, start = time.process_time(), time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return {name: {"ms": 1e3 * statistics.median(wall[name]), "cpu_ms": 1e3 * statistics.median(cpu[name])}
-            for name in calls}
 
 
 def gemm_call(size: int) -> tuple[Callable, tuple, int]:

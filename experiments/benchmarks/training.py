@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from machine import interleaved_times, torch_module
+from machine import torch_module
+from timing import interleaved_times
 
 from convlib import models, train
 
