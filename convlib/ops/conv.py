@@ -199,24 +199,28 @@ def _flipped_transposed_kernel(w, geometry: Geometry):
     return w.reshape(g * i_g, o // g, *kernel)
 
 
+def full_correlation_padding(geometry: Geometry, in_spatial, out_spatial) -> list[tuple[int, int]]:
+    """Padding (lo, hi) per spatial dim of the stride-dilated `G` in the full correlation giving dE/dX:
+    `(K_eff - 1 - lo, H + lo - (s (H_out - 1) + 1))`, negative entries cropping."""
+    return [
+        (k - 1 - lo, h + lo - _dilated(o, s))
+        for k, (lo, _), h, o, s in zip(
+            geometry.effective_kernel, geometry.padding, in_spatial, out_spatial, geometry.stride
+        )
+    ]
+
+
 def input_gradient(g, w, geometry: Geometry, in_spatial):
     """dE/dX: full correlation of the stride-dilated, padded `g` with rot180(W).
 
     g: output cotangent, w: kernel (same layout as the forward). Returns (N, *in_spatial, C_in)
     (or channels first). This is also :func:`conv_transpose`.
     """
-    out_spatial = geometry.spatial_shape(g.shape)
-    pads = [
-        (k - 1 - lo, h + lo - _dilated(o, s))
-        for k, (lo, _), h, o, s in zip(
-            geometry.effective_kernel, geometry.padding, in_spatial, out_spatial, geometry.stride
-        )
-    ]
     return _conv_general_dilated(
         g,
         _flipped_transposed_kernel(w, geometry),
         window_strides=(1,) * geometry.ndim,
-        padding=pads,
+        padding=full_correlation_padding(geometry, in_spatial, geometry.spatial_shape(g.shape)),
         lhs_dilation=geometry.stride,
         rhs_dilation=geometry.dilation,
         dimension_numbers=geometry.dimension_numbers,

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convlib.ops.conv import _dilated, bias_gradient, input_gradient, weight_gradient
+from convlib.ops.conv import bias_gradient, full_correlation_padding, input_gradient, weight_gradient
 from convlib.ops.geometry import Geometry
-from convlib.ops.windows import full_rank, pad_spatial, window_offsets, window_view
+from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
 
 # --------------------------------------------------------------------------- input gradient by phases
@@ -89,9 +89,11 @@ def input_gradient_by_phases(g, w, geometry: Geometry, in_spatial):
     dims = zip(in_spatial, geometry.kernel, geometry.stride, geometry.dilation, geometry.padding)
     per_dim = [[_phase(t, h, k, s, d, lo) for t in range(s)] for h, k, s, d, (lo, _) in dims]
     dx = jnp.zeros(_input_shape(g, w, geometry, in_spatial), g.dtype)
+    # phase t's dX_t[q] goes to s q + t: window offset t of the stride-s geometry without dilation or padding
+    unpadded = dataclasses.replace(geometry, dilation=(1,) * geometry.ndim, padding=((0, 0),) * geometry.ndim)
     for t, phases in zip(itertools.product(*map(range, geometry.stride)), itertools.product(*per_dim)):
         if all(p.taps and p.size for p in phases):
-            dx = dx + _place(_phase_gradient(g, w, geometry, phases), t, geometry, in_spatial)
+            dx = dx + scatter_back(_phase_gradient(g, w, geometry, phases), t, unpadded, in_spatial)
     return dx
 
 
@@ -112,13 +114,6 @@ def _phase_gradient(g, w, geometry: Geometry, phases):
         padding=tuple((p.lo, 0) for p in phases),
     )
     return input_gradient(g, _sub_kernel(w, phases, geometry), sub, tuple(p.size for p in phases))
-
-
-def _place(part, t, geometry: Geometry, in_spatial):
-    """Puts `part[q]` at input position `s q + t` (zeros elsewhere): a strided `lax.pad`."""
-    sizes = geometry.spatial_shape(part.shape)
-    config = [(ti, h - ti - s * (q - 1) - 1, s - 1) for ti, h, s, q in zip(t, in_spatial, geometry.stride, sizes)]
-    return lax.pad(part, jnp.zeros((), part.dtype), full_rank(geometry, config, (0, 0, 0)))
 
 
 # --------------------------------------------------------------------------- weight gradient by batch chunks
@@ -168,9 +163,8 @@ def depthwise_input_gradient(g, w, geometry: Geometry, in_spatial):
     the shifted views of G_full scaled per channel and added (one loop fusion), then the m filters of each
     input channel summed. Returns the input's shape.
     """
-    out_spatial = geometry.spatial_shape(g.shape)
-    pads = [(k - 1 - lo, h + lo - _dilated(o, s), s - 1) for k, (lo, _), h, o, s in
-            zip(geometry.effective_kernel, geometry.padding, in_spatial, out_spatial, geometry.stride)]
+    pads = full_correlation_padding(geometry, in_spatial, geometry.spatial_shape(g.shape))
+    pads = [(lo, hi, s - 1) for (lo, hi), s in zip(pads, geometry.stride)]
     g_full = lax.pad(g, jnp.zeros((), g.dtype), full_rank(geometry, pads, (0, 0, 0)))
     unit_stride = dataclasses.replace(geometry, stride=(1,) * geometry.ndim)
     per_channel = tuple(-1 if a == geometry.channel_axis else 1 for a in range(g.ndim))
