@@ -16,6 +16,6 @@ __all__ = [
     "CROSS_ENTROPY", "OPTIMIZERS", "PARALLEL_MODES", "SCHEDULES", "Checkpoints", "DataParallel", "EpochBatches",
     "FitResult", "Loss", "NonFiniteLossError", "TrainState", "create_train_state", "data_parallel",
     "decay_kernels_only", "evaluate", "fit", "make_eval_step", "make_loss", "make_optimizer", "make_schedule",
-    "make_train_step", "plot_history", "rbf", "rbf_loss", "read_jsonl", "shard_output_channels", "softmax_cross_entropy", "split_model",
-    "write_json", "write_jsonl",
+    "make_train_step", "plot_history", "rbf", "rbf_loss", "read_jsonl", "shard_output_channels", "softmax_cross_entropy",
+    "split_model", "write_json", "write_jsonl",
 ]
