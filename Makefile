@@ -7,13 +7,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: train test setup dataset demo clean
+.PHONY: train test lint setup dataset demo clean
 
 train: setup dataset
 	$(BIN)/python experiments/train.py
 
 test: setup dataset
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+
+# ruff: lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade) and the formatter's check, as configured in pyproject.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 setup: $(STAMP)
 

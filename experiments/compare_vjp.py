@@ -21,15 +21,14 @@ import dataclasses
 import functools
 import math
 
+import fashion_training
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
-
-import fashion_training
 import outputs
 from agreement import errors
 from timing import median_times
+from tqdm.auto import tqdm
 
 from convlib import models, ops
 
@@ -51,8 +50,14 @@ class Layer:
     padding_mode: str = "zeros"
 
     def options(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    layout=self.layout, padding_mode=self.padding_mode)
+        return dict(
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            layout=self.layout,
+            padding_mode=self.padding_mode,
+        )
 
     def arrays(self, key, batch: int, dtype=jnp.float32):
         """x, w, b for a batch of `batch`, in this layer's layout."""
@@ -62,13 +67,22 @@ class Layer:
         else:
             x_shape, w_shape = (batch, self.c_in, *self.spatial), (self.c_out, self.c_in // self.groups, *self.kernel)
         fan_in = math.prod(self.kernel) * self.c_in // self.groups
-        return (jax.random.normal(kx, x_shape, dtype), jax.random.normal(kw, w_shape, dtype) / math.sqrt(fan_in),
-                jax.random.normal(kb, (self.c_out,), dtype))
+        return (
+            jax.random.normal(kx, x_shape, dtype),
+            jax.random.normal(kw, w_shape, dtype) / math.sqrt(fan_in),
+            jax.random.normal(kb, (self.c_out,), dtype),
+        )
 
     def flops(self, batch: int) -> int:
         """2 x multiply-adds of the forward."""
-        out = ops.make_geometry(len(self.kernel), self.kernel, stride=self.stride, padding=self.padding,
-                                dilation=self.dilation, in_spatial=self.spatial).output_spatial(self.spatial)
+        out = ops.make_geometry(
+            len(self.kernel),
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            in_spatial=self.spatial,
+        ).output_spatial(self.spatial)
         return 2 * batch * math.prod(out) * self.c_out * math.prod(self.kernel) * self.c_in // self.groups
 
 
@@ -103,24 +117,47 @@ LAYERS = [
     Layer("reflect padding", square(32), 16, 16, square(3), padding=1, padding_mode="reflect"),
 ]
 SMOKE_LAYERS = ("ResNet-20 down 2",)
-MODELS = {"smoke": ("lenet5_modern",), "default": ("lenet5_modern", "resnet20", "alexnet_small"),
-          "full": ("lenet5_modern", "resnet20", "resnet56", "alexnet_small", "vgg11_small", "vgg16_small")}
+MODELS = {
+    "smoke": ("lenet5_modern",),
+    "default": ("lenet5_modern", "resnet20", "alexnet_small"),
+    "full": ("lenet5_modern", "resnet20", "resnet56", "alexnet_small", "vgg11_small", "vgg16_small"),
+}
 FUNCTIONS = ("forward", "dX", "dW", "fwd+bwd")
 HAND_DERIVED = tuple(m for m in ops.BACKWARDS if m != "autodiff")
 
 
 def parse_args(argv=None):
     p = outputs.make_parser(__doc__, "compare_vjp")
-    p.add_argument("--batch", type=int, default=None, help="batch size of the layer grid and the model gradients "
-                   "(default: 2 smoke, 8 default, 64 full)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, after one compiling "
-                   "call (default: 2 smoke, 7 default, 20 full)")
-    p.add_argument("--modes", default=None, help="comma-separated backward modes compared with autodiff "
-                   "(default: custom with --smoke, else " + ",".join(HAND_DERIVED) + ")")
-    p.add_argument("--models", default=None, help="comma-separated model names for the whole-model gradients "
-                   "(default by size: " + "; ".join(f"{s}: {','.join(m)}" for s, m in MODELS.items()) + ")")
-    p.add_argument("--train-steps", type=int, default=None, help="training steps of each run (default: 2 smoke, "
-                   "300 default, 2000 full; 0 skips the training part)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size of the layer grid and the model gradients (default: 2 smoke, 8 default, 64 full)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per measurement, after one compiling call (default: 2 smoke, 7 default, 20 full)",
+    )
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated backward modes compared with autodiff "
+        "(default: custom with --smoke, else " + ",".join(HAND_DERIVED) + ")",
+    )
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated model names for the whole-model gradients "
+        "(default by size: " + "; ".join(f"{s}: {','.join(m)}" for s, m in MODELS.items()) + ")",
+    )
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="training steps of each run (default: 2 smoke, 300 default, 2000 full; 0 skips the training part)",
+    )
     p.add_argument("--train-size", type=int, default=None, help="training images used (default: all)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     fashion_training.add_data_flags(p)
@@ -156,6 +193,7 @@ def layer_functions(layer: Layer, mode: str) -> dict:
             primals = {"x": x, "w": w, "b": b}
             y, pull = jax.vjp(lambda *p: conv(**{**primals, **dict(zip(wrt, p))}), *(primals[n] for n in wrt))
             return (y, *pull(g))
+
         return jax.jit(f)
 
     return {
@@ -168,10 +206,19 @@ def layer_functions(layer: Layer, mode: str) -> dict:
 
 def compare_layer(layer: Layer, modes, batch: int, repeats: int, key) -> dict:
     """Agreement (float32, float64) and timings (float32) of every mode against autodiff on one layer."""
-    row = {"layer": layer.name, "x": f"{batch}x{'x'.join(map(str, layer.spatial))}x{layer.c_in}",
-           "kernel": "x".join(map(str, layer.kernel)), "c_out": layer.c_out, "stride": layer.stride,
-           "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups, "layout": layer.layout,
-           "padding_mode": layer.padding_mode, "gflop": layer.flops(batch) / 1e9}
+    row = {
+        "layer": layer.name,
+        "x": f"{batch}x{'x'.join(map(str, layer.spatial))}x{layer.c_in}",
+        "kernel": "x".join(map(str, layer.kernel)),
+        "c_out": layer.c_out,
+        "stride": layer.stride,
+        "padding": layer.padding,
+        "dilation": layer.dilation,
+        "groups": layer.groups,
+        "layout": layer.layout,
+        "padding_mode": layer.padding_mode,
+        "gflop": layer.flops(batch) / 1e9,
+    }
     x, w, b = layer.arrays(key, batch)
     all_modes = ("autodiff", *modes)
     fns = {m: layer_functions(layer, m) for m in all_modes}
@@ -219,11 +266,13 @@ def model_gradients(name: str, modes, batch: int, repeats: int, seed: int) -> di
         def loss(params, rest, x):
             logits = nnx.merge(graphdefs[mode], params, rest, copy=True)(x)
             return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
+
         return jax.jit(jax.value_and_grad(loss))
 
     def cast64(tree):
-        return jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64)
-                            if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+        return jax.tree.map(
+            lambda a: jnp.asarray(np.asarray(a), jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+        )
 
     row = {"model": name, "batch": batch, "parameters": models.param_count(params)}
     fns = {m: grad_fn(m) for m in graphdefs}
@@ -250,22 +299,44 @@ def train_both(args, modes) -> tuple[dict, list[dict]]:
     rows)."""
     from flax import nnx
 
-    dataset = fashion_training.load(args, train_size=args.train_size or outputs.pick(args.size, 512, None, None),
-                                    test_size=outputs.pick(args.size, 256, None, None), seed=args.seed)
+    dataset = fashion_training.load(
+        args,
+        train_size=args.train_size or outputs.pick(args.size, 512, None, None),
+        test_size=outputs.pick(args.size, 256, None, None),
+        seed=args.seed,
+    )
     runs = {}
     for mode in ("autodiff", *modes):
-        model = models.create("lenet5_modern", in_channels=1, input_size=28, backward=mode,
-                              rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1))
+        model = models.create(
+            "lenet5_modern",
+            in_channels=1,
+            input_size=28,
+            backward=mode,
+            rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
+        )
         runs[mode] = fashion_training.fit(
-            model, dataset, steps=args.train_steps, batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
-            key=jax.random.key(args.seed), evaluations=outputs.pick(args.size, 1, 5, 10), optimizer="adamw",
-            learning_rate=3e-3, warmup_steps=max(1, args.train_steps // 20), weight_decay=5e-4,
+            model,
+            dataset,
+            steps=args.train_steps,
+            batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
+            key=jax.random.key(args.seed),
+            evaluations=outputs.pick(args.size, 1, 5, 10),
+            optimizer="adamw",
+            learning_rate=3e-3,
+            warmup_steps=max(1, args.train_steps // 20),
+            weight_decay=5e-4,
             progress=not args.no_progress,
         )
-    rows = [{"step": r["step"], **{f"{m}_loss": runs[m].steps[i]["loss"] for m in runs}}
-            for i, r in enumerate(runs["autodiff"].steps)]
-    summary = {"dataset": dataset.name, "train_images": int(dataset.train.labels.shape[0]),
-               "steps": args.train_steps, "batch_size": args.batch_size}
+    rows = [
+        {"step": r["step"], **{f"{m}_loss": runs[m].steps[i]["loss"] for m in runs}}
+        for i, r in enumerate(runs["autodiff"].steps)
+    ]
+    summary = {
+        "dataset": dataset.name,
+        "train_images": int(dataset.train.labels.shape[0]),
+        "steps": args.train_steps,
+        "batch_size": args.batch_size,
+    }
     for m in runs:
         summary[f"{m}_final_test_error"] = runs[m].curve[-1]["test_error"]
         summary[f"{m}_train_images_per_s"] = runs[m].result.images_per_s
@@ -315,8 +386,13 @@ def plot_training(run: outputs.Run, summary: dict, rows: list[dict], modes) -> N
         diff = [abs(r[f"{m}_loss"] - r["autodiff_loss"]) for r in rows]
         diff_ax.plot(steps, np.maximum(diff, 1e-12), label=f"|loss {m} - loss autodiff|")
         if not any(diff):
-            diff_ax.text(0.5, 0.6, f"{m}: identical losses at all {len(rows)} steps\n(difference exactly 0)",
-                         transform=diff_ax.transAxes, ha="center")
+            diff_ax.text(
+                0.5,
+                0.6,
+                f"{m}: identical losses at all {len(rows)} steps\n(difference exactly 0)",
+                transform=diff_ax.transAxes,
+                ha="center",
+            )
     diff_ax.set_yscale("log")
     diff_ax.set_xlabel("step")
     diff_ax.set_ylabel("absolute difference (floor 1e-12)")
@@ -340,13 +416,24 @@ def main(argv=None) -> dict:
     run.write_csv("layers.csv", rows)
     columns = ["layer", "x", "kernel", "c_out", "stride", "dilation", "groups", "gflop"]
     for m in args.modes:
-        columns += [f"{m}_dX_rel32", f"{m}_dW_rel32", f"{m}_db_rel32", f"{m}_dX_rel64", f"{m}_dW_rel64",
-                    f"{m}_forward_ratio", f"{m}_dX_ratio", f"{m}_dW_ratio", f"{m}_fwd+bwd_ratio"]
+        columns += [
+            f"{m}_dX_rel32",
+            f"{m}_dW_rel32",
+            f"{m}_db_rel32",
+            f"{m}_dX_rel64",
+            f"{m}_dW_rel64",
+            f"{m}_forward_ratio",
+            f"{m}_dX_ratio",
+            f"{m}_dW_ratio",
+            f"{m}_fwd+bwd_ratio",
+        ]
     run.write_markdown("layers.md", rows, columns, title=f"custom_vjp vs autodiff per layer ({machine})")
     plot_ratios(run, rows, args.modes, machine)
 
-    model_rows = [model_gradients(name, args.modes, args.batch, args.repeats, args.seed)
-                  for name in tqdm(args.models, desc="models", disable=args.no_progress)]
+    model_rows = [
+        model_gradients(name, args.modes, args.batch, args.repeats, args.seed)
+        for name in tqdm(args.models, desc="models", disable=args.no_progress)
+    ]
     run.write_csv("models.csv", model_rows)
 
     training = None
@@ -364,8 +451,9 @@ def main(argv=None) -> dict:
             "max_model_rel_error_float32": max((r[f"{m}_rel32"] for r in model_rows), default=None),
             "max_model_rel_error_float64": max((r[f"{m}_rel64"] for r in model_rows), default=None),
             "median_time_ratio": {f: float(np.median([r[f"{m}_{f}_ratio"] for r in rows])) for f in FUNCTIONS},
-            "geomean_time_ratio": {f: float(np.exp(np.mean(np.log([r[f"{m}_{f}_ratio"] for r in rows]))))
-                                   for f in FUNCTIONS},
+            "geomean_time_ratio": {
+                f: float(np.exp(np.mean(np.log([r[f"{m}_{f}_ratio"] for r in rows])))) for f in FUNCTIONS
+            },
         }
     return run.finish({"summary": summary, "layers": rows, "models": model_rows, "training": training})
 

@@ -17,12 +17,20 @@ NUM_CLASSES = 10
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """--data-dir, --source-dir and --synthetic."""
-    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or "
-                        "~/tensorflow_datasets)")
-    parser.add_argument("--source-dir", default=None, help="folder with the four Fashion-MNIST IDX files "
-                        "(default: the Debian package's /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--synthetic", action="store_true", help="Fashion-MNIST-shaped synthetic images instead of "
-                        "the real data (always so with --smoke)")
+    parser.add_argument(
+        "--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+    parser.add_argument(
+        "--source-dir",
+        default=None,
+        help="folder with the four Fashion-MNIST IDX files "
+        "(default: the Debian package's /usr/share/datasets/fashion-mnist)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="Fashion-MNIST-shaped synthetic images instead of the real data (always so with --smoke)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +60,9 @@ def synthetic_images(seed: int, n: int, *, template_seed: int = 0) -> tuple[np.n
     return images.astype(np.uint8)[..., None], labels
 
 
-def load(args: argparse.Namespace, *, train_size: int | None, test_size: int | None, pad_to: int | None = None,
-         seed: int = 0) -> Dataset:
+def load(
+    args: argparse.Namespace, *, train_size: int | None, test_size: int | None, pad_to: int | None = None, seed: int = 0
+) -> Dataset:
     """The first `train_size` / `test_size` examples (None: all) of Fashion-MNIST, on device, optionally
     zero-padded to `pad_to` x `pad_to`; synthetic images with `args.synthetic` or `args.size == "smoke"`."""
     synthetic = args.synthetic or args.size == "smoke"
@@ -67,8 +76,7 @@ def load(args: argparse.Namespace, *, train_size: int | None, test_size: int | N
         images = jax.device_put(images)
         return Split(images if pad_to is None else data.pad_images(images, to=pad_to), jax.device_put(labels))
 
-    return Dataset(split("train", train_size), split("test", test_size),
-                   "synthetic" if synthetic else "fashion_mnist")
+    return Dataset(split("train", train_size), split("test", test_size), "synthetic" if synthetic else "fashion_mnist")
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -93,10 +101,24 @@ class Training:
     result: train.FitResult
 
 
-def fit(model, dataset: Dataset, *, steps: int, batch_size: int, key: jax.Array, evaluations: int = 5,
-        optimizer: str = "sgd", learning_rate: float = 0.1, schedule: str = "cosine", warmup_steps: int = 0,
-        momentum: float = 0.9, weight_decay: float = 5e-4, crop_padding: int = 0, eval_batch_size: int = 1000,
-        progress: bool = False) -> Training:
+def fit(
+    model,
+    dataset: Dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    key: jax.Array,
+    evaluations: int = 5,
+    optimizer: str = "sgd",
+    learning_rate: float = 0.1,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    crop_padding: int = 0,
+    eval_batch_size: int = 1000,
+    progress: bool = False,
+) -> Training:
     """Trains `model` in place for `steps` steps with `convlib.train.fit`, evaluating on the test split
     `evaluations` times (evenly spaced, the last at the end)."""
     if steps < 1 or evaluations < 1 or batch_size < 1:
@@ -110,24 +132,45 @@ def fit(model, dataset: Dataset, *, steps: int, batch_size: int, key: jax.Array,
     tx = train.make_optimizer(optimizer, lr, momentum=momentum, weight_decay=weight_decay)
     augment = None
     if crop_padding:
+
         def augment(key, images):
             return data.random_crop(key, images, crop_padding)
+
     result = train.fit(
-        model, tx,
+        model,
+        tx,
         lambda round_: batch_cycle(jax.random.fold_in(data_key, round_), dataset.train, batch_size),
-        steps_per_epoch=per_round, epochs=-(-steps // per_round), max_steps=steps, key=train_key,
-        learning_rate=lr, preprocess=preprocess, augment=augment,
-        eval_batches=lambda: data.batches(key, dataset.test.images, dataset.test.labels,
-                                          min(eval_batch_size, dataset.test.labels.shape[0]), shuffle=False,
-                                          drop_remainder=False),
+        steps_per_epoch=per_round,
+        epochs=-(-steps // per_round),
+        max_steps=steps,
+        key=train_key,
+        learning_rate=lr,
+        preprocess=preprocess,
+        augment=augment,
+        eval_batches=lambda: data.batches(
+            key,
+            dataset.test.images,
+            dataset.test.labels,
+            min(eval_batch_size, dataset.test.labels.shape[0]),
+            shuffle=False,
+            drop_remainder=False,
+        ),
         progress=progress,
     )
     curve = [
-        {"step": r["step"], "train_loss": r["train_loss"], "train_error": 1 - r["train_accuracy"],
-         "test_loss": r["test_loss"], "test_error": 1 - r["test_accuracy"]}
-        for r in result.records if r["kind"] == "epoch"
+        {
+            "step": r["step"],
+            "train_loss": r["train_loss"],
+            "train_error": 1 - r["train_accuracy"],
+            "test_loss": r["test_loss"],
+            "test_error": 1 - r["test_accuracy"],
+        }
+        for r in result.records
+        if r["kind"] == "epoch"
     ]
-    step_records = [{"step": r["step"], "loss": r["loss"], "error": 1 - r["accuracy"]}
-                    for r in result.records if r["kind"] == "step"]
+    step_records = [
+        {"step": r["step"], "loss": r["loss"], "error": 1 - r["accuracy"]}
+        for r in result.records
+        if r["kind"] == "step"
+    ]
     return Training(curve, step_records, result)
-

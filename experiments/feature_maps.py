@@ -50,8 +50,9 @@ def features(model, x) -> list[tuple[str, jax.Array]]:
 def geometry(layer) -> ops.Geometry:
     """The ops Geometry of an nn.Conv or a pooling layer (explicit padding)."""
     if isinstance(layer, nn.Conv):
-        return ops.make_geometry(layer.ndim, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                                 dilation=layer.dilation)
+        return ops.make_geometry(
+            layer.ndim, layer.kernel_size, stride=layer.stride, padding=layer.padding, dilation=layer.dilation
+        )
     return ops.make_geometry(layer.ndim, layer.window, stride=layer.stride, padding=layer.padding)
 
 

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import math
 
+import fashion_training
 import jax
 import jax.numpy as jnp
 import numpy as np
+import outputs
 from flax import nnx
+from timing import median_times
 from tqdm.auto import tqdm
 
-import fashion_training
-import outputs
-from timing import median_times
-
 from convlib import models, nn, ops
-
 
 IMPLEMENTATIONS = ("conv", "split")
 
@@ -40,8 +38,9 @@ class SplitConv(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, groups: int, *, rngs: nnx.Rngs):
         self.groups = groups
-        self.convs = nnx.List([nn.Conv(in_features // groups, out_features // groups, 3, padding=1, rngs=rngs)
-                               for _ in range(groups)])
+        self.convs = nnx.List(
+            [nn.Conv(in_features // groups, out_features // groups, 3, padding=1, rngs=rngs) for _ in range(groups)]
+        )
 
     def __call__(self, x):
         parts = jnp.split(x, self.groups, axis=-1)
@@ -52,8 +51,9 @@ class GroupedNet(nnx.Module):
     """x (N, H, W, 1) -> logits (N, num_classes); every conv after the first has `groups` filter groups, computed
     as one grouped nn.Conv (implementation "conv") or as `groups` dense nn.Convs on channel slices ("split")."""
 
-    def __init__(self, groups: int, widths=(16, 32, 64), num_classes: int = 10, *, implementation: str = "conv",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, groups: int, widths=(16, 32, 64), num_classes: int = 10, *, implementation: str = "conv", rngs: nnx.Rngs
+    ):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         w1, w2, w3 = widths
@@ -63,8 +63,9 @@ class GroupedNet(nnx.Module):
                 return SplitConv(c_in, c_out, groups, rngs=rngs)
             return nn.Conv(c_in, c_out, 3, padding=1, groups=groups, rngs=rngs)
 
-        self.convs = nnx.List([nn.Conv(1, w1, 3, padding=1, rngs=rngs), grouped(w1, w2), grouped(w2, w2),
-                               grouped(w2, w3)])
+        self.convs = nnx.List(
+            [nn.Conv(1, w1, 3, padding=1, rngs=rngs), grouped(w1, w2), grouped(w2, w2), grouped(w2, w3)]
+        )
         self.pool = nn.MaxPool(2)
         self.head = nn.GlobalAvgPool()
         self.fc = nnx.Linear(w3, num_classes, rngs=rngs)
@@ -79,55 +80,86 @@ class GroupedNet(nnx.Module):
 
 def parse_args(argv=None):
     p = outputs.make_parser(__doc__, "groups")
-    p.add_argument("--channels", type=int, default=None, help="C of the single layer (default: 4 smoke, 64 "
-                   "default, 256 full)")
-    p.add_argument("--layer-batch", type=int, default=None, help="batch of the single layer (default: 2 smoke, "
-                   "8 default, 128 full)")
+    p.add_argument(
+        "--channels", type=int, default=None, help="C of the single layer (default: 4 smoke, 64 default, 256 full)"
+    )
+    p.add_argument(
+        "--layer-batch",
+        type=int,
+        default=None,
+        help="batch of the single layer (default: 2 smoke, 8 default, 128 full)",
+    )
     p.add_argument("--layer-size", type=int, default=32, help="height = width of the single layer's input")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default: 2 smoke, 5 default, 20 full)")
-    p.add_argument("--train-groups", default=None, help="comma-separated groups of the trained nets (default: 1,2 "
-                   "smoke, else 1,2,4)")
-    p.add_argument("--widths", default=None, help="w1,w2,w3 of the small net (default: 4,8,16 smoke, 16,32,64 "
-                   "default, 32,64,128 full); each must be divisible by every --train-groups")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 2 smoke, 600 default, "
-                   "6000 full)")
-    p.add_argument("--seeds", type=int, default=None, help="training runs per groups value, seeds --seed, "
-                   "--seed+1, ... (default: 1 smoke, 1 default, 3 full)")
-    p.add_argument("--train-size", type=int, default=None, help="training images used (default: all; a smaller "
-                   "set makes over-fitting, and so regularisation, visible)")
-    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="conv",
-                   help="grouped convs of the trained nets: one nn.Conv(groups=g), or one dense nn.Conv per group on "
-                        "channel slices (same function and parameters)")
+    p.add_argument(
+        "--train-groups",
+        default=None,
+        help="comma-separated groups of the trained nets (default: 1,2 smoke, else 1,2,4)",
+    )
+    p.add_argument(
+        "--widths",
+        default=None,
+        help="w1,w2,w3 of the small net (default: 4,8,16 smoke, 16,32,64 "
+        "default, 32,64,128 full); each must be divisible by every --train-groups",
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 2 smoke, 600 default, 6000 full)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="training runs per groups value, seeds --seed, --seed+1, ... (default: 1 smoke, 1 default, 3 full)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training images used (default: all; a smaller set makes over-fitting, and so regularisation, visible)",
+    )
+    p.add_argument(
+        "--implementation",
+        choices=IMPLEMENTATIONS,
+        default="conv",
+        help="grouped convs of the trained nets: one nn.Conv(groups=g), or one dense nn.Conv per group on "
+        "channel slices (same function and parameters)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine)")
     fashion_training.add_data_flags(p)
     args = p.parse_args(argv)
-    outputs.positive(p, args, "channels", "layer_batch", "layer_size", "repeats", "steps", "seeds", "train_size",
-                     "batch_size", "lr")
+    outputs.positive(
+        p, args, "channels", "layer_batch", "layer_size", "repeats", "steps", "seeds", "train_size", "batch_size", "lr"
+    )
     args.channels = args.channels or outputs.pick(args.size, 4, 64, 256)
     args.layer_batch = args.layer_batch or outputs.pick(args.size, 2, 8, 128)
     args.repeats = args.repeats or outputs.pick(args.size, 2, 5, 20)
     args.steps = args.steps or outputs.pick(args.size, 2, 600, 6000)
     args.seeds = args.seeds or outputs.pick(args.size, 1, 1, 3)
     try:
-        args.train_groups = [int(g) for g in (args.train_groups or outputs.pick(args.size, "1,2", "1,2,4",
-                                                                                "1,2,4")).split(",")]
-        args.widths = tuple(int(w) for w in (args.widths or outputs.pick(args.size, "4,8,16", "16,32,64",
-                                                                         "32,64,128")).split(","))
+        args.train_groups = [
+            int(g) for g in (args.train_groups or outputs.pick(args.size, "1,2", "1,2,4", "1,2,4")).split(",")
+        ]
+        args.widths = tuple(
+            int(w) for w in (args.widths or outputs.pick(args.size, "4,8,16", "16,32,64", "32,64,128")).split(",")
+        )
     except ValueError:
-        p.error(f"--train-groups and --widths must be comma-separated ints, got {args.train_groups!r} and "
-                f"{args.widths!r}")
-    if len(args.widths) != 3 or any(w % g for w in args.widths for g in args.train_groups) or min(
-            args.train_groups) < 1:
-        p.error(f"--widths must be 3 ints, each divisible by every --train-groups {args.train_groups}, got "
-                f"{args.widths}")
+        p.error(
+            f"--train-groups and --widths must be comma-separated ints, got {args.train_groups!r} and {args.widths!r}"
+        )
+    if (
+        len(args.widths) != 3
+        or any(w % g for w in args.widths for g in args.train_groups)
+        or min(args.train_groups) < 1
+    ):
+        p.error(
+            f"--widths must be 3 ints, each divisible by every --train-groups {args.train_groups}, got {args.widths}"
+        )
     return args
 
 
 def layer_sweep(args, key) -> list[dict]:
     c = args.channels
     rows = []
-    groups = [g for g in (2 ** i for i in range(int(math.log2(c)) + 1)) if c % g == 0]
+    groups = [g for g in (2**i for i in range(int(math.log2(c)) + 1)) if c % g == 0]
     kx, kg = jax.random.split(key)
     x = jax.random.normal(kx, (args.layer_batch, args.layer_size, args.layer_size, c))
     dy = jax.random.normal(kg, x.shape)
@@ -142,36 +174,69 @@ def layer_sweep(args, key) -> list[dict]:
                 y, pull = jax.vjp(lambda x, w: conv(x, w, backward), x, w)
                 grads = pull(dy)
                 return (y, *grads) if wrt is None else grads[wrt]
+
             return jax.jit(f)
 
-        calls = {"forward": jax.jit(lambda x, w, dy: conv(x, w)), "dX": pullback("custom", 0),
-                 "dW": pullback("custom", 1), "fwd+bwd": pullback("custom", None),
-                 "fwd+bwd autodiff": pullback("autodiff", None)}
+        calls = {
+            "forward": jax.jit(lambda x, w, dy: conv(x, w)),
+            "dX": pullback("custom", 0),
+            "dW": pullback("custom", 1),
+            "fwd+bwd": pullback("custom", None),
+            "fwd+bwd autodiff": pullback("autodiff", None),
+        }
         times = median_times({name: (fn, (x, w, dy)) for name, fn in calls.items()}, repeats=args.repeats)
-        rows.append({"groups": g, "depthwise": g == c, "parameters": 9 * c * c // g + c,
-                     "gflop": 2 * x.shape[0] * args.layer_size ** 2 * c * 9 * c / g / 1e9,
-                     **{f"{name}_ms": 1e3 * t for name, t in times.items()}})
+        rows.append(
+            {
+                "groups": g,
+                "depthwise": g == c,
+                "parameters": 9 * c * c // g + c,
+                "gflop": 2 * x.shape[0] * args.layer_size**2 * c * 9 * c / g / 1e9,
+                **{f"{name}_ms": 1e3 * t for name, t in times.items()},
+            }
+        )
     return rows
 
 
 def train_sweep(args) -> list[dict]:
-    dataset = fashion_training.load(args, train_size=args.train_size or outputs.pick(args.size, 256, None, None),
-                                    test_size=outputs.pick(args.size, 128, None, None), seed=args.seed)
+    dataset = fashion_training.load(
+        args,
+        train_size=args.train_size or outputs.pick(args.size, 256, None, None),
+        test_size=outputs.pick(args.size, 128, None, None),
+        seed=args.seed,
+    )
     rows = []
     for seed in range(args.seed, args.seed + args.seeds):
         for g in args.train_groups:
             model = GroupedNet(g, args.widths, implementation=args.implementation, rngs=nnx.Rngs(seed))
             training = fashion_training.fit(
-                model, dataset, steps=args.steps, batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
-                key=jax.random.key(seed), evaluations=outputs.pick(args.size, 1, 6, 10), optimizer="adamw",
-                learning_rate=args.lr, warmup_steps=max(1, args.steps // 20), weight_decay=5e-4,
-                progress=not args.no_progress)
+                model,
+                dataset,
+                steps=args.steps,
+                batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
+                key=jax.random.key(seed),
+                evaluations=outputs.pick(args.size, 1, 6, 10),
+                optimizer="adamw",
+                learning_rate=args.lr,
+                warmup_steps=max(1, args.steps // 20),
+                weight_decay=5e-4,
+                progress=not args.no_progress,
+            )
             final = training.curve[-1]
-            rows.append({"groups": g, "seed": seed, "parameters": models.param_count(model),
-                         "train_error": final["train_error"], "test_error": final["test_error"],
-                         "gap": final["test_error"] - final["train_error"], "train_loss": final["train_loss"],
-                         "test_loss": final["test_loss"], "images_per_s": training.result.images_per_s,
-                         "curve": training.curve, "dataset": dataset.name})
+            rows.append(
+                {
+                    "groups": g,
+                    "seed": seed,
+                    "parameters": models.param_count(model),
+                    "train_error": final["train_error"],
+                    "test_error": final["test_error"],
+                    "gap": final["test_error"] - final["train_error"],
+                    "train_loss": final["train_loss"],
+                    "test_loss": final["test_loss"],
+                    "images_per_s": training.result.images_per_s,
+                    "curve": training.curve,
+                    "dataset": dataset.name,
+                }
+            )
     return rows
 
 
@@ -188,9 +253,13 @@ def plot_layer(run, rows, args, machine):
     par.set_title(f"3x3 conv {args.channels} -> {args.channels}: parameters and FLOPs ~ 1/groups")
     par.legend()
     par.grid(alpha=0.3, which="both")
-    for column, label, style in (("forward_ms", "forward", "o-"), ("dX_ms", "dX (custom)", "^-"),
-                                 ("dW_ms", "dW (custom)", "v-"), ("fwd+bwd_ms", "fwd + bwd (custom)", "s-"),
-                                 ("fwd+bwd autodiff_ms", "fwd + bwd (autodiff)", "x--")):
+    for column, label, style in (
+        ("forward_ms", "forward", "o-"),
+        ("dX_ms", "dX (custom)", "^-"),
+        ("dW_ms", "dW (custom)", "v-"),
+        ("fwd+bwd_ms", "fwd + bwd (custom)", "s-"),
+        ("fwd+bwd autodiff_ms", "fwd + bwd (autodiff)", "x--"),
+    ):
         tim.plot(g, [r[column] for r in rows], style, label=label)
     tim.plot(g, [rows[0]["fwd+bwd_ms"] / x for x in g], "k:", label="fwd + bwd at groups=1, / groups")
     tim.set_xscale("log", base=2)
@@ -212,8 +281,13 @@ def plot_training(run, rows):
         for i, r in enumerate(r for r in rows if r["groups"] == g):
             steps = [p["step"] for p in r["curve"]]
             label = lambda text: text if i == 0 else None  # noqa: E731
-            curves.plot(steps, [p["test_error"] for p in r["curve"]], "o-", color=color,
-                        label=label(f"groups={g} ({r['parameters']:,} params) test"))
+            curves.plot(
+                steps,
+                [p["test_error"] for p in r["curve"]],
+                "o-",
+                color=color,
+                label=label(f"groups={g} ({r['parameters']:,} params) test"),
+            )
             curves.plot(steps, [p["train_error"] for p in r["curve"]], "--", color=color, label=label("train"))
     curves.set_xlabel("step")
     curves.set_ylabel("error")

@@ -7,8 +7,9 @@ For a sweep of 3x3 'same' convolutions (N, H, H, C) -> (N, H, H, C), growing in 
 - forward + backward time of im2col (JAX autodiff through the patch matrix and the matrix product) and of lax
   with the hand-derived backward ("custom") and with autodiff;
 - agreement: max relative error (max|a - b| / max|b|) of each forward against the loops (float64 oracle), in
-  float32 and float64, and of the im2col and hand-derived gradients against lax's autodiff (float32). The loops have no backward of their own: their gradient is checked only by
-  central finite differences of <G, loops(X, W)> along random directions, at the smallest size, and not timed.
+  float32 and float64, and of the im2col and hand-derived gradients against lax's autodiff (float32). The loops
+  have no backward of their own: their gradient is checked only by central finite differences of <G, loops(X, W)>
+  along random directions, at the smallest size, and not timed.
 
 Writes into --out: implementations.csv, results.json, time_vs_flops.png.
 """
@@ -21,11 +22,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
-
 import outputs
 from agreement import errors
 from timing import median_time
+from tqdm.auto import tqdm
 
 from convlib import ops
 
@@ -33,8 +33,19 @@ from convlib import ops
 SIZES = {
     "smoke": [(1, 6, 2), (2, 8, 4)],
     "default": [(1, 8, 4), (1, 16, 8), (2, 16, 16), (4, 16, 32), (4, 32, 32), (8, 32, 64), (32, 32, 64)],
-    "full": [(1, 8, 4), (1, 16, 8), (2, 16, 16), (4, 16, 32), (4, 32, 32), (8, 32, 64), (32, 32, 64),
-             (64, 32, 128), (128, 32, 128), (128, 64, 128), (128, 56, 256)],
+    "full": [
+        (1, 8, 4),
+        (1, 16, 8),
+        (2, 16, 16),
+        (4, 16, 32),
+        (4, 32, 32),
+        (8, 32, 64),
+        (32, 32, 64),
+        (64, 32, 128),
+        (128, 32, 128),
+        (128, 64, 128),
+        (128, 56, 256),
+    ],
 }
 OPTIONS = dict(padding=1)
 KERNEL = 3
@@ -42,8 +53,12 @@ KERNEL = 3
 
 def parse_args(argv=None):
     p = outputs.make_parser(__doc__, "implementations")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement after the compiling one "
-                   "(default: 2 smoke, 5 default, 20 full)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per measurement after the compiling one (default: 2 smoke, 5 default, 20 full)",
+    )
     p.add_argument("--loops-max-gflop", type=float, default=0.2, help="time the loops only up to this many GFLOPs")
     p.add_argument("--fd-step", type=float, default=1e-6, help="finite-difference step for the loops' gradient")
     args = p.parse_args(argv)
@@ -62,10 +77,12 @@ def arrays(key, n, h, c, dtype=jnp.float32):
 
 def gradient_functions():
     """name -> jit((x, w, g) -> (y, dX, dW))."""
+
     def with_vjp(conv):
         def f(x, w, g):
             y, pull = jax.vjp(lambda x, w: conv(x, w, **OPTIONS), x, w)
             return (y, *pull(g))
+
         return jax.jit(f)
 
     return {
@@ -117,8 +134,10 @@ def measure(key, n, h, c, args, grads) -> dict:
     row = {"batch": n, "size": h, "channels": c, "gflop": flops / 1e9}
     x, w, g = arrays(key, n, h, c)
     reference = ops.conv_loops(x, w, **OPTIONS)  # float64 NumPy
-    forwards = {"im2col": jax.jit(lambda x, w: ops.conv_im2col(x, w, **OPTIONS)),
-                "lax": jax.jit(lambda x, w: ops.conv_lax(x, w, **OPTIONS))}
+    forwards = {
+        "im2col": jax.jit(lambda x, w: ops.conv_im2col(x, w, **OPTIONS)),
+        "lax": jax.jit(lambda x, w: ops.conv_lax(x, w, **OPTIONS)),
+    }
     for name, fn in forwards.items():
         row[f"{name}_rel32"] = errors(fn(x, w), reference)[1]
         row[f"{name}_forward_ms"] = 1e3 * median_time(fn, x, w, repeats=args.repeats)
@@ -126,8 +145,11 @@ def measure(key, n, h, c, args, grads) -> dict:
         x64, w64 = (jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w))
         for name, fn in forwards.items():
             row[f"{name}_rel64"] = errors(fn(x64, w64), reference)[1]
-    row["loops_forward_ms"] = (1e3 * time_numpy(lambda: ops.conv_loops(x, w, **OPTIONS), min(args.repeats, 3))
-                               if flops / 1e9 <= args.loops_max_gflop else None)
+    row["loops_forward_ms"] = (
+        1e3 * time_numpy(lambda: ops.conv_loops(x, w, **OPTIONS), min(args.repeats, 3))
+        if flops / 1e9 <= args.loops_max_gflop
+        else None
+    )
     results = {name: fn(x, w, g) for name, fn in grads.items()}
     for name, fn in grads.items():
         row[f"{name}_fwd+bwd_ms"] = 1e3 * median_time(fn, x, w, g, repeats=args.repeats)
@@ -146,11 +168,14 @@ def plot(run, rows, machine):
     plt = outputs.pyplot()
     fig, (ax, rate) = plt.subplots(1, 2, figsize=(13, 4.8))
     flops = np.array([r["gflop"] for r in rows]) * 1e9
-    series = [("loops (NumPy) forward", "loops_forward_ms", "-", 1),
-              ("im2col forward", "im2col_forward_ms", "-", 1), ("lax forward", "lax_forward_ms", "-", 1),
-              ("im2col fwd+bwd (autodiff)", "im2col (autodiff)_fwd+bwd_ms", "--", 3),
-              ("lax fwd+bwd (custom backward)", "lax (custom backward)_fwd+bwd_ms", "--", 3),
-              ("lax fwd+bwd (autodiff)", "lax (autodiff)_fwd+bwd_ms", ":", 3)]
+    series = [
+        ("loops (NumPy) forward", "loops_forward_ms", "-", 1),
+        ("im2col forward", "im2col_forward_ms", "-", 1),
+        ("lax forward", "lax_forward_ms", "-", 1),
+        ("im2col fwd+bwd (autodiff)", "im2col (autodiff)_fwd+bwd_ms", "--", 3),
+        ("lax fwd+bwd (custom backward)", "lax (custom backward)_fwd+bwd_ms", "--", 3),
+        ("lax fwd+bwd (autodiff)", "lax (autodiff)_fwd+bwd_ms", ":", 3),
+    ]
     for label, column, style, passes in series:
         ms = np.array([time_of(r, column) for r in rows], float)
         ax.plot(flops, ms / 1e3, style, marker="o", ms=4, label=label)
@@ -178,15 +203,18 @@ def main(argv=None) -> dict:
     machine = outputs.describe(outputs.machine())
     key = jax.random.key(args.seed)
     grads = gradient_functions()
-    rows = [measure(jax.random.fold_in(key, i), *size, args, grads)
-            for i, size in enumerate(tqdm(SIZES[args.size], desc="sizes", disable=args.no_progress))]
+    rows = [
+        measure(jax.random.fold_in(key, i), *size, args, grads)
+        for i, size in enumerate(tqdm(SIZES[args.size], desc="sizes", disable=args.no_progress))
+    ]
     run.write_csv("implementations.csv", rows)
     plot(run, rows, machine)
     summary = {
         "max_forward_rel_error_float32": max(max(r["im2col_rel32"], r["lax_rel32"]) for r in rows),
         "max_forward_rel_error_float64": max(max(r["im2col_rel64"], r["lax_rel64"]) for r in rows),
-        "max_gradient_rel_error_float32": max(max(r[k] for k in r if k.endswith(("_dX_rel32", "_dW_rel32")))
-                                              for r in rows),
+        "max_gradient_rel_error_float32": max(
+            max(r[k] for k in r if k.endswith(("_dX_rel32", "_dW_rel32"))) for r in rows
+        ),
         **finite_difference_check(jax.random.fold_in(key, 99), args.fd_step),
     }
     return run.finish({"summary": summary, "sizes": rows})

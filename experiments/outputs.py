@@ -34,10 +34,17 @@ def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("runs", name), help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (jax.random keys, nnx.Rngs)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--smoke", dest="size", action="store_const", const="smoke", default="default",
-                      help="tiny sizes and a few steps (seconds; for the tests)")
-    size.add_argument("--full", dest="size", action="store_const", const="full",
-                      help="the real-scale run (meant for a GPU)")
+    size.add_argument(
+        "--smoke",
+        dest="size",
+        action="store_const",
+        const="smoke",
+        default="default",
+        help="tiny sizes and a few steps (seconds; for the tests)",
+    )
+    size.add_argument(
+        "--full", dest="size", action="store_const", const="full", help="the real-scale run (meant for a GPU)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -78,7 +85,7 @@ def machine() -> dict:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -86,10 +93,12 @@ def source_version() -> dict:
     """The git commit of this checkout and whether convlib/ had uncommitted changes when the run started."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "convlib"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "convlib"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "convlib_modified": None}
     return {"commit": commit or None, "convlib_modified": bool(dirty)}
@@ -112,8 +121,9 @@ class Run:
         self.args, self.folder = args, args.out
         self.started = time.perf_counter()
         self.git = source_version()
-        self.command = " ".join(["python", sys.argv[0] if argv is None else "<main>", *(sys.argv[1:] if argv is None
-                                                                                        else argv)])
+        self.command = " ".join(
+            ["python", sys.argv[0] if argv is None else "<main>", *(sys.argv[1:] if argv is None else argv)]
+        )
         os.makedirs(self.folder, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -132,8 +142,9 @@ class Run:
         write_text(self.path(name), text.getvalue())
         return self.path(name)
 
-    def write_markdown(self, name: str, rows: Sequence[dict], columns: Sequence[str] | None = None,
-                       title: str | None = None) -> str:
+    def write_markdown(
+        self, name: str, rows: Sequence[dict], columns: Sequence[str] | None = None, title: str | None = None
+    ) -> str:
         """Rows of dicts as a Markdown table (floats with 3 significant digits)."""
         write_text(self.path(name), markdown_table(rows, columns, title))
         return self.path(name)

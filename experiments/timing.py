@@ -32,8 +32,10 @@ def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, wa
             jax.block_until_ready(fn(*args))
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    return {name: {"ms": 1e3 * statistics.median(wall[name]), "cpu_ms": 1e3 * statistics.median(cpu[name])}
-            for name in calls}
+    return {
+        name: {"ms": 1e3 * statistics.median(wall[name]), "cpu_ms": 1e3 * statistics.median(cpu[name])}
+        for name in calls
+    }
 
 
 def median_times(calls: dict[str, tuple[Callable, tuple]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import numpy as np
-from flax import nnx
-
 import fashion_training
 import feature_maps
+import jax
+import numpy as np
 import outputs
+from flax import nnx
 
 from convlib import models, train
 
@@ -30,16 +29,27 @@ MODEL_OPTIONS = {"lenet5_modern": {"channels": (16, 32), "input_size": 32}, "res
 
 def parse_args(argv=None):
     p = outputs.make_parser(__doc__, "visualize")
-    p.add_argument("--model", choices=tuple(MODEL_OPTIONS), default="lenet5_modern",
-                   help="network trained in the script (lenet5_modern with channels 16, 32)")
-    p.add_argument("--from-run", default=None, help="output folder of experiments/train.py: load its model "
-                   "(results.json) and newest checkpoint instead of training here")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 2 smoke, 600 default, "
-                   "5000 full)")
+    p.add_argument(
+        "--model",
+        choices=tuple(MODEL_OPTIONS),
+        default="lenet5_modern",
+        help="network trained in the script (lenet5_modern with channels 16, 32)",
+    )
+    p.add_argument(
+        "--from-run",
+        default=None,
+        help="output folder of experiments/train.py: load its model "
+        "(results.json) and newest checkpoint instead of training here",
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 2 smoke, 600 default, 5000 full)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine)")
-    p.add_argument("--images", type=int, default=None, help="test images searched for the top patches (default: "
-                   "32 smoke, 2000 default, 10000 full)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="test images searched for the top patches (default: 32 smoke, 2000 default, 10000 full)",
+    )
     p.add_argument("--channels", type=int, default=8, help="channels shown per stage")
     p.add_argument("--top", type=int, default=8, help="patches shown per channel")
     fashion_training.add_data_flags(p)
@@ -58,8 +68,9 @@ def load_run(folder: str):
         config = json.load(f)["config"]
     model = models.create(config["model"], in_channels=1, rngs=nnx.Rngs(0), **config.get("model_options", {}))
     # Optax states depend on the optimiser's structure, not on the schedule's values: any callable schedule fits.
-    tx = train.make_optimizer(config["optimizer"], lambda step: 0.0, momentum=config["momentum"],
-                              weight_decay=config["weight_decay"])
+    tx = train.make_optimizer(
+        config["optimizer"], lambda step: 0.0, momentum=config["momentum"], weight_decay=config["weight_decay"]
+    )
     _, like = train.create_train_state(model, tx, jax.random.key(0))
     checkpoints = train.Checkpoints(os.path.join(folder, "checkpoints"))
     try:
@@ -80,7 +91,7 @@ def activations(model, images, batch: int = 500) -> list[np.ndarray]:
     model.eval()
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: [m for _, m in feature_maps.features(nnx.merge(graphdef, state), x)])
-    parts = [forward(state, images[i:i + batch]) for i in range(0, images.shape[0], batch)]
+    parts = [forward(state, images[i : i + batch]) for i in range(0, images.shape[0], batch)]
     model.train()
     return [np.concatenate([np.asarray(p[s]) for p in parts]) for s in range(len(parts[0]))]
 
@@ -101,9 +112,16 @@ def top_patches(maps: np.ndarray, images: np.ndarray, field, channels: int, top:
             # top-left input pixel of the field: centre - (size - 1) / 2 (centres may be half-integers)
             top_row = int(np.floor(field.start[0] + i * field.jump[0] - (size - 1) / 2))
             left = int(np.floor(field.start[1] + j * field.jump[1] - (size - 1) / 2))
-            patch = padded[image, top_row + size:top_row + 2 * size, left + size:left + 2 * size]
-            entries.append({"image": int(image), "unit": [int(i), int(j)], "activation": float(flat[index]),
-                            "patch_top_left": [top_row, left], "patch": patch})
+            patch = padded[image, top_row + size : top_row + 2 * size, left + size : left + 2 * size]
+            entries.append(
+                {
+                    "image": int(image),
+                    "unit": [int(i), int(j)],
+                    "activation": float(flat[index]),
+                    "patch_top_left": [top_row, left],
+                    "patch": patch,
+                }
+            )
         found.append(entries)
     return found
 
@@ -129,8 +147,9 @@ def plot_feature_maps(run, images, maps, names, channels, title):
     plt = outputs.pyplot()
     shown = min(channels, min(m.shape[-1] for m in maps))
     rows = images.shape[0]
-    fig, axes = plt.subplots(rows, 1 + len(maps) * shown, figsize=(1.0 * (1 + len(maps) * shown), 1.15 * rows + 0.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, 1 + len(maps) * shown, figsize=(1.0 * (1 + len(maps) * shown), 1.15 * rows + 0.8), squeeze=False
+    )
     for r in range(rows):
         axes[r, 0].imshow(images[r, ..., 0], cmap="gray")
         axes[r, 0].set_title("input" if r == 0 else "", fontsize=7)
@@ -151,8 +170,9 @@ def plot_top_patches(run, stages, title):
     plt = outputs.pyplot()
     channels = max(len(s["patches"]) for s in stages)
     top = max(len(p) for s in stages for p in s["patches"])
-    fig, axes = plt.subplots(channels, len(stages) * (top + 1), figsize=(0.75 * len(stages) * (top + 1),
-                                                                         0.8 * channels + 0.9), squeeze=False)
+    fig, axes = plt.subplots(
+        channels, len(stages) * (top + 1), figsize=(0.75 * len(stages) * (top + 1), 0.8 * channels + 0.9), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for s, stage in enumerate(stages):
@@ -162,8 +182,9 @@ def plot_top_patches(run, stages, title):
                 ax.imshow(entry["patch"], cmap="gray")
                 if c == 0 and t == 0:
                     ax.set_title(f"{stage['name']}: {stage['size']}x{stage['size']} field", fontsize=7, loc="left")
-            axes[c, s * (top + 1)].text(-0.2, 0.5, f"ch {c}", transform=axes[c, s * (top + 1)].transAxes,
-                                        ha="right", va="center", fontsize=6)
+            axes[c, s * (top + 1)].text(
+                -0.2, 0.5, f"ch {c}", transform=axes[c, s * (top + 1)].transAxes, ha="right", va="center", fontsize=6
+            )
     fig.suptitle(title, fontsize=9)
     run.save_figure(fig, "top_patches.png", dpi=80)
 
@@ -173,17 +194,27 @@ def main(argv=None) -> dict:
     run = outputs.Run(args, argv)
     if args.from_run is not None:
         model, input_size, source = load_run(args.from_run)
-        dataset = fashion_training.load(args, train_size=1, test_size=args.images, pad_to=input_size,
-                                        seed=args.seed)
+        dataset = fashion_training.load(args, train_size=1, test_size=args.images, pad_to=input_size, seed=args.seed)
         training = None
     else:
-        dataset = fashion_training.load(args, train_size=outputs.pick(args.size, 256, None, None),
-                                        test_size=args.images, pad_to=32, seed=args.seed)
+        dataset = fashion_training.load(
+            args, train_size=outputs.pick(args.size, 256, None, None), test_size=args.images, pad_to=32, seed=args.seed
+        )
         model = models.create(args.model, in_channels=1, rngs=nnx.Rngs(args.seed), **MODEL_OPTIONS[args.model])
         fit = fashion_training.fit(
-            model, dataset, steps=args.steps, batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
-            key=jax.random.key(args.seed), evaluations=1, optimizer="adamw", learning_rate=args.lr,
-            warmup_steps=max(1, args.steps // 20), weight_decay=5e-4, crop_padding=2, progress=not args.no_progress)
+            model,
+            dataset,
+            steps=args.steps,
+            batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
+            key=jax.random.key(args.seed),
+            evaluations=1,
+            optimizer="adamw",
+            learning_rate=args.lr,
+            warmup_steps=max(1, args.steps // 20),
+            weight_decay=5e-4,
+            crop_padding=2,
+            progress=not args.no_progress,
+        )
         training = fit.curve[-1]
         source = f"{args.model} trained {args.steps} steps on {dataset.name}"
     images = np.asarray(dataset.test.images, np.float32) / 255.0
@@ -191,21 +222,43 @@ def main(argv=None) -> dict:
     names = [stage.name for stage in feature_maps.stages(model)]
     fields = feature_maps.stage_fields(model)
     plot_filters(run, first_conv_kernel(model), f"first-layer filters of {source}")
-    plot_feature_maps(run, images[:4], [m[:4] for m in maps], names, args.channels,
-                      f"feature maps of each stage, first {args.channels} channels, 4 test images ({source})")
+    plot_feature_maps(
+        run,
+        images[:4],
+        [m[:4] for m in maps],
+        names,
+        args.channels,
+        f"feature maps of each stage, first {args.channels} channels, 4 test images ({source})",
+    )
     shown = [s for s, f in enumerate(fields) if f.size[0] < images.shape[1]] or [0]
-    stages = [{"name": names[s], "size": fields[s].size[0], "jump": fields[s].jump[0], "start": fields[s].start[0],
-               "patches": top_patches(maps[s], images, fields[s], args.channels, args.top)} for s in shown[-2:]]
-    plot_top_patches(run, stages, f"top-{args.top} input patches per channel over {images.shape[0]} test images "
-                                  f"({source})")
+    stages = [
+        {
+            "name": names[s],
+            "size": fields[s].size[0],
+            "jump": fields[s].jump[0],
+            "start": fields[s].start[0],
+            "patches": top_patches(maps[s], images, fields[s], args.channels, args.top),
+        }
+        for s in shown[-2:]
+    ]
+    plot_top_patches(
+        run, stages, f"top-{args.top} input patches per channel over {images.shape[0]} test images ({source})"
+    )
     for stage in stages:
         for entries in stage["patches"]:
             for entry in entries:
                 del entry["patch"]
-    return run.finish({"source": source, "training": training, "dataset": dataset.name,
-                       "fields": [{"stage": n, "size": f.size[0], "jump": f.jump[0], "start": f.start[0]}
-                                  for n, f in zip(names, fields)],
-                       "top_patches": stages})
+    return run.finish(
+        {
+            "source": source,
+            "training": training,
+            "dataset": dataset.name,
+            "fields": [
+                {"stage": n, "size": f.size[0], "jump": f.jump[0], "start": f.start[0]} for n, f in zip(names, fields)
+            ],
+            "top_patches": stages,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ def conv_configs(draw, max_ndim=3):
         x_shape, w_shape = (batch, *spatial, c_in), (*kernel, c_in // groups, c_out)
     else:
         x_shape, w_shape = (batch, c_in, *spatial), (c_out, c_in // groups, *kernel)
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                  padding_mode=padding_mode, layout=layout)
+    kwargs = dict(
+        stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode, layout=layout
+    )
     if draw(st.booleans()):  # ints instead of tuples where they are equal
         kwargs["stride"] = stride[0] if len(set(stride)) == 1 else stride
     return x_shape, w_shape, draw(st.booleans()), kwargs

@@ -64,8 +64,7 @@ def test_builder_prepares_and_reads_back_exactly(tmp_path, gz):
     arrays = make_idx_folder(tmp_path / "src", gz=gz)
     data_dir = tmp_path / "tfds"
     for split in ("train", "test"):
-        images, labels = data.load("fashion_mnist", split, data_dir=data_dir,
-                                   source_dir=tmp_path / "src", **OFFLINE)
+        images, labels = data.load("fashion_mnist", split, data_dir=data_dir, source_dir=tmp_path / "src", **OFFLINE)
         assert images.dtype == np.uint8 and images.shape == (len(arrays[f"{split}_labels"]), 28, 28, 1)
         assert labels.dtype == np.int32
         np.testing.assert_array_equal(images[..., 0], arrays[f"{split}_images"])
@@ -87,7 +86,7 @@ def test_prepared_dataset_is_reused_without_sources(tmp_path):
     data.load("mnist", "train", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
     for f in (tmp_path / "src").iterdir():
         f.unlink()
-    images, labels = data.load("mnist", "train", data_dir=tmp_path / "tfds", **OFFLINE)
+    _, labels = data.load("mnist", "train", data_dir=tmp_path / "tfds", **OFFLINE)
     np.testing.assert_array_equal(labels, arrays["train_labels"])
 
 
@@ -174,8 +173,10 @@ def _missing(folder):
     return STEMS["test_labels"]
 
 
-@pytest.mark.parametrize("corrupt", [_wrong_magic, _truncated, _truncated_gzip, _count_mismatch,
-                                     _label_out_of_range, _wrong_image_size, _missing])
+@pytest.mark.parametrize(
+    "corrupt",
+    [_wrong_magic, _truncated, _truncated_gzip, _count_mismatch, _label_out_of_range, _wrong_image_size, _missing],
+)
 def test_bad_idx_file_names_the_file_and_leaves_nothing(tmp_path, corrupt):
     src, data_dir = tmp_path / "src", tmp_path / "tfds"
     make_idx_folder(src)
@@ -222,8 +223,11 @@ def test_read_idx_reports_wrong_shape_header(tmp_path):
 
 def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, monkeypatch):
     debian_dir = tmp_path / "usr-share"
-    monkeypatch.setitem(data.IDX_SOURCES, "fashion_mnist", data.IdxSource(
-        url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir))
+    monkeypatch.setitem(
+        data.IDX_SOURCES,
+        "fashion_mnist",
+        data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir),
+    )
     installed = []
 
     def fake_apt(package):
@@ -244,8 +248,12 @@ def test_ensure_idx_files_downloads_through_tfds(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        folder = data.ensure_idx_files("mnist", apt_install=None, download_dir=tmp_path / "downloads",
-                                       url=f"http://127.0.0.1:{server.server_address[1]}/")
+        folder = data.ensure_idx_files(
+            "mnist",
+            apt_install=None,
+            download_dir=tmp_path / "downloads",
+            url=f"http://127.0.0.1:{server.server_address[1]}/",
+        )
     finally:
         server.shutdown()
     images, labels = data.read_idx_split(folder, "test")
@@ -288,8 +296,12 @@ def test_random_crop_takes_a_window_of_the_padded_image(images):
     h, w = images.shape[1:3]
     offsets = set()
     for o, pad in zip(out, padded):
-        matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                   if np.array_equal(o, pad[dy:dy + h, dx:dx + w])]
+        matches = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if np.array_equal(o, pad[dy : dy + h, dx : dx + w])
+        ]
         assert matches, "crop is not a window of the padded image"
         offsets.add(matches[0])
     assert len(offsets) > 1  # per-image offsets
@@ -386,8 +398,9 @@ def test_batches_reject_bad_arguments():
 
 def test_pipeline_throughput_reports_a_rate():
     images, labels = _dataset(64)
-    rate = data.pipeline_throughput(jax.random.key(0), images, labels, 16,
-                                    transform=functools.partial(data.random_crop, padding=1))
+    rate = data.pipeline_throughput(
+        jax.random.key(0), images, labels, 16, transform=functools.partial(data.random_crop, padding=1)
+    )
     assert rate > 0
     with pytest.raises(ValueError, match="batch_size=128"):
         data.pipeline_throughput(jax.random.key(0), images, labels, 128)

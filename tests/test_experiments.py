@@ -49,8 +49,11 @@ def test_compare_vjp(tmp_path):
     assert custom["max_model_rel_error_float64"] < 1e-12
     assert custom["max_forward_abs_error"] < 1e-5
     for row in r["layers"]:
-        assert all(finite_positive(row[f"{m}_{f}_ms"]) for m in ("custom", "autodiff")
-                   for f in ("forward", "dX", "dW", "fwd+bwd"))
+        assert all(
+            finite_positive(row[f"{m}_{f}_ms"])
+            for m in ("custom", "autodiff")
+            for f in ("forward", "dX", "dW", "fwd+bwd")
+        )
         assert row["custom_rel32_vs_64"] < 1e-5 and row["autodiff_rel32_vs_64"] < 1e-5
     training = r["training"]
     assert training["custom_max_loss_diff"] < 1e-4
@@ -80,8 +83,9 @@ def test_implementations(tmp_path):
     assert s["max_forward_rel_error_float32"] < 1e-5 and s["max_forward_rel_error_float64"] < 1e-12
     assert s["max_gradient_rel_error_float32"] < 1e-5
     assert s["loops_fd_dX_rel_error"] < 1e-6 and s["loops_fd_dW_rel_error"] < 1e-6
-    assert all(finite_positive(row["loops_forward_ms"]) and finite_positive(row["lax_forward_ms"])
-               for row in r["sizes"])
+    assert all(
+        finite_positive(row["loops_forward_ms"]) and finite_positive(row["lax_forward_ms"]) for row in r["sizes"]
+    )
 
 
 def test_degradation(tmp_path):
@@ -114,16 +118,19 @@ def test_groups(tmp_path):
     assert params == sorted(params, reverse=True) and len(set(params)) == len(params)
 
 
-@pytest.mark.parametrize("name, flags", [
-    ("compare_vjp", ["--modes", "autodiff"]),
-    ("compare_vjp", ["--models", "no_such_net"]),
-    ("receptive_field", ["--depth", "0"]),
-    ("implementations", ["--repeats", "-1"]),
-    ("degradation", ["--depths", "21"]),
-    ("visualize", ["--from-run", "/nonexistent"]),
-    ("groups", ["--widths", "3,5,7"]),
-    ("groups", ["--smoke", "--full"]),
-])
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("compare_vjp", ["--modes", "autodiff"]),
+        ("compare_vjp", ["--models", "no_such_net"]),
+        ("receptive_field", ["--depth", "0"]),
+        ("implementations", ["--repeats", "-1"]),
+        ("degradation", ["--depths", "21"]),
+        ("visualize", ["--from-run", "/nonexistent"]),
+        ("groups", ["--widths", "3,5,7"]),
+        ("groups", ["--smoke", "--full"]),
+    ],
+)
 def test_bad_flags_are_argparse_errors(name, flags, capsys):
     with pytest.raises(SystemExit) as raised:
         script(name).parse_args(flags)
@@ -144,10 +151,11 @@ def test_groups_split_implementation_equals_grouped_conv():
     for conv, parts in zip(grouped.convs[1:], split.convs[1:]):
         out = conv.out_features // 2
         for i, part in enumerate(parts.convs):
-            part.kernel[...] = conv.kernel[..., i * out:(i + 1) * out]
-            part.bias[...] = conv.bias[i * out:(i + 1) * out]
+            part.kernel[...] = conv.kernel[..., i * out : (i + 1) * out]
+            part.bias[...] = conv.bias[i * out : (i + 1) * out]
     split.fc.kernel[...], split.fc.bias[...] = grouped.fc.kernel[...], grouped.fc.bias[...]
     x = jax.random.normal(jax.random.key(0), (2, 12, 12, 1))
     np.testing.assert_allclose(split(x), grouped(x), rtol=1e-5, atol=1e-5)
     assert sum(p.size for p in jax.tree.leaves(nnx.state(split, nnx.Param))) == sum(
-        p.size for p in jax.tree.leaves(nnx.state(grouped, nnx.Param)))
+        p.size for p in jax.tree.leaves(nnx.state(grouped, nnx.Param))
+    )

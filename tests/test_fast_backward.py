@@ -114,26 +114,55 @@ class TestExact:
         x_shape, w_shape, _, kwargs = config
         x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
         assume(g.size > 0)
-        np.testing.assert_allclose(fast_backward.weight_gradient_by_chunks(x, g, geometry, w.shape, chunk),
-                                   weight_gradient(x, g, geometry, w.shape), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            fast_backward.weight_gradient_by_chunks(x, g, geometry, w.shape, chunk),
+            weight_gradient(x, g, geometry, w.shape),
+            rtol=RTOL,
+            atol=ATOL,
+        )
 
-    @pytest.mark.parametrize("layout, shape, expected", [
-        ("NHWC", dict(batch=20, spatial=(6, 6), c_in=2, c_out=24, kernel=3, stride=2, padding=1),
-         "dX phases, dW chunks of 8"),
-        ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW chunks of 8"),
-        ("NHWC", dict(batch=40, spatial=(2, 2), c_in=3, c_out=2, kernel=3, padding=1), "dX textbook, dW chunks of 16"),
-        ("NHWC", dict(batch=3, spatial=(7, 7), c_in=4, c_out=4, kernel=2, stride=3, dilation=2, groups=2),
-         "per group: dX phases, dW textbook"),
-        ("NCHW", dict(batch=2, spatial=(6, 5), c_in=3, c_out=3, kernel=3, stride=2, padding=1, groups=3),
-         "dX taps, dW taps"),
-        ("NHWC", dict(batch=2, spatial=(6, 5), c_in=3, c_out=6, kernel=3, padding=1, groups=3),
-         "per group: dX textbook, dW textbook"),
-        ("NCHW", dict(batch=2, spatial=(9,), c_in=3, c_out=5, kernel=3, padding=(2, -1)),
-         "dX textbook, dW textbook"),
-        ("NHWC", dict(batch=16, spatial=(9,), c_in=3, c_out=5, kernel=3, stride=2), "dX phases, dW chunks of 8"),
-        ("NCHW", dict(batch=2, spatial=(5, 4, 6), c_in=4, c_out=6, kernel=3, stride=2, dilation=2, padding=2,
-                      groups=2), "depth taps: per group: dX phases, dW textbook"),
-    ])
+    @pytest.mark.parametrize(
+        "layout, shape, expected",
+        [
+            (
+                "NHWC",
+                dict(batch=20, spatial=(6, 6), c_in=2, c_out=24, kernel=3, stride=2, padding=1),
+                "dX phases, dW chunks of 8",
+            ),
+            ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW chunks of 8"),
+            (
+                "NHWC",
+                dict(batch=40, spatial=(2, 2), c_in=3, c_out=2, kernel=3, padding=1),
+                "dX textbook, dW chunks of 16",
+            ),
+            (
+                "NHWC",
+                dict(batch=3, spatial=(7, 7), c_in=4, c_out=4, kernel=2, stride=3, dilation=2, groups=2),
+                "per group: dX phases, dW textbook",
+            ),
+            (
+                "NCHW",
+                dict(batch=2, spatial=(6, 5), c_in=3, c_out=3, kernel=3, stride=2, padding=1, groups=3),
+                "dX taps, dW taps",
+            ),
+            (
+                "NHWC",
+                dict(batch=2, spatial=(6, 5), c_in=3, c_out=6, kernel=3, padding=1, groups=3),
+                "per group: dX textbook, dW textbook",
+            ),
+            (
+                "NCHW",
+                dict(batch=2, spatial=(9,), c_in=3, c_out=5, kernel=3, padding=(2, -1)),
+                "dX textbook, dW textbook",
+            ),
+            ("NHWC", dict(batch=16, spatial=(9,), c_in=3, c_out=5, kernel=3, stride=2), "dX phases, dW chunks of 8"),
+            (
+                "NCHW",
+                dict(batch=2, spatial=(5, 4, 6), c_in=4, c_out=6, kernel=3, stride=2, dilation=2, padding=2, groups=2),
+                "depth taps: per group: dX phases, dW textbook",
+            ),
+        ],
+    )
     def test_dispatched_strategies(self, layout, shape, expected):
         """Shapes that reach each branch of the CPU dispatch: custom still equals textbook."""
         shape = dict(shape)
@@ -154,7 +183,8 @@ class TestExact:
     def test_other_backends_run_the_textbook_formulation(self):
         geometry = conv_geometry(np.zeros((64, 8, 8, 1)), np.zeros((3, 3, 1, 32)), stride=2)
         assert str(fast_backward.plan(geometry, (64, 8, 8, 1), (3, 3, 1, 32), backend="gpu")) == (
-            "dX textbook, dW textbook")
+            "dX textbook, dW textbook"
+        )
 
 
 def test_benchmark_quick_run_writes_results(tmp_path):
@@ -162,8 +192,22 @@ def test_benchmark_quick_run_writes_results(tmp_path):
         sys.path.insert(0, BENCHMARKS)
     import bench
 
-    bench.main(["all", "--quick", "--layouts", "NHWC", "--modes", "autodiff,custom", "--no-torch", "--no-progress",
-                "--out", str(tmp_path), "--name", "smoke"])
+    bench.main(
+        [
+            "all",
+            "--quick",
+            "--layouts",
+            "NHWC",
+            "--modes",
+            "autodiff,custom",
+            "--no-torch",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "smoke",
+        ]
+    )
     with open(tmp_path / "smoke.json") as f:
         results = json.load(f)
     assert results["machine"]["jax"] and results["machine"]["gemm"]["gflops"] > 0

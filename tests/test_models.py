@@ -20,8 +20,22 @@ NAMES = (
     "resnet20 resnet32 resnet44 resnet56 resnet110 plain20 plain32 plain44 plain56 plain110 "
     "resnet18 resnet34 resnet50 resnet101 resnet152 context_basic context_large"
 ).split()
-IMAGENET = {"alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+IMAGENET = {
+    "alexnet",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+}
 
 
 def rngs(seed=0):
@@ -36,7 +50,9 @@ def abstract(name, **options):
 
 def output_shape(model, x_shape):
     graphdef, state = nnx.split(model)
-    return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct(x_shape, jnp.float32)).shape
+    return jax.eval_shape(
+        lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    ).shape
 
 
 # --------------------------------------------------------------------------- registry
@@ -47,7 +63,7 @@ def test_available_lists_exactly_the_names():
 
 
 def test_unknown_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match="resnet20.*") as error:
+    with pytest.raises(ValueError, match="resnet20") as error:
         models.create("resnet21", rngs=rngs())
     assert all(name in str(error.value) for name in NAMES)
 
@@ -66,8 +82,12 @@ def test_bad_options_name_the_parameter():
             models.create(name, rngs=rngs(), **options)
     with pytest.raises(ValueError, match="depth"):
         models.CifarResNet(depth=21, rngs=rngs())
-    for options, parameter in [(dict(block="wide"), "block"), (dict(stem="none"), "stem"),
-                               (dict(widths=(8, 8)), "widths"), (dict(residual="yes"), "residual")]:
+    for options, parameter in [
+        (dict(block="wide"), "block"),
+        (dict(stem="none"), "stem"),
+        (dict(widths=(8, 8)), "widths"),
+        (dict(residual="yes"), "residual"),
+    ]:
         with pytest.raises(ValueError, match=parameter):
             models.ResNet(rngs=rngs(), **options)
 
@@ -109,8 +129,14 @@ def test_lenet5_modern():
 def test_alexnet():
     model = abstract("alexnet", num_classes=1000)
     expected = (
-        conv(11, 3, 96) + conv(5, 96, 256, groups=2) + conv(3, 256, 384) + conv(3, 384, 384, groups=2)
-        + conv(3, 384, 256, groups=2) + fc(256 * 6 * 6, 4096) + fc(4096, 4096) + fc(4096, 1000)
+        conv(11, 3, 96)
+        + conv(5, 96, 256, groups=2)
+        + conv(3, 256, 384)
+        + conv(3, 384, 384, groups=2)
+        + conv(3, 384, 256, groups=2)
+        + fc(256 * 6 * 6, 4096)
+        + fc(4096, 4096)
+        + fc(4096, 1000)
     )
     assert models.param_count(model) == expected
     assert round(expected / 1e6) == 61
@@ -134,8 +160,9 @@ def vgg_count(config, batch_norm, hidden, flat, num_classes):
     return total + fc(flat, hidden) + fc(hidden, hidden) + fc(hidden, num_classes)
 
 
-@pytest.mark.parametrize("name, config", [("vgg11", "A"), ("vgg13", "B"), ("vgg16", "C"), ("vgg16", "D"),
-                                          ("vgg19", "E")])
+@pytest.mark.parametrize(
+    "name, config", [("vgg11", "A"), ("vgg13", "B"), ("vgg16", "C"), ("vgg16", "D"), ("vgg19", "E")]
+)
 def test_vgg(name, config):
     model = abstract(name, num_classes=1000, config=config)
     expected = vgg_count(config, False, 4096, 512 * 7 * 7, 1000)
@@ -248,11 +275,18 @@ def test_input_size_mismatch_is_a_clear_error():
 
 
 def test_backward_and_dtype_reach_every_layer():
-    for name, options in [("lenet5", dict(head="rbf")), ("lenet5_modern", {}), ("alexnet_small", {}),
-                          ("vgg11_bn_small", {}), ("resnet20", {}), ("context_large", {})]:
+    for name, options in [
+        ("lenet5", dict(head="rbf")),
+        ("lenet5_modern", {}),
+        ("alexnet_small", {}),
+        ("vgg11_bn_small", {}),
+        ("resnet20", {}),
+        ("context_large", {}),
+    ]:
         model = models.abstract_model(name, backward="textbook", dtype=jnp.bfloat16, **options)
-        layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nn.Conv, nn.MaxPool, nn.AvgPool,
-                                                                       nn.GlobalAvgPool))]
+        layers = [
+            m for _, m in nnx.iter_graph(model) if isinstance(m, (nn.Conv, nn.MaxPool, nn.AvgPool, nn.GlobalAvgPool))
+        ]
         assert layers and all(layer.backward == "textbook" for layer in layers), name
         with_params = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nn.Conv, nnx.Linear, nnx.BatchNorm))]
         assert all(m.dtype == jnp.bfloat16 for m in with_params), name
@@ -285,8 +319,9 @@ def test_flops_of_grouped_and_strided_convs_by_hand():
     assert models.flops(abstract("alexnet", num_classes=1000), (224, 224, 3)) == 2 * macs
 
 
-@pytest.mark.parametrize("name, paper", [("resnet34", 3.6e9), ("resnet50", 3.8e9), ("resnet152", 11.3e9),
-                                         ("vgg19", 19.6e9)])
+@pytest.mark.parametrize(
+    "name, paper", [("resnet34", 3.6e9), ("resnet50", 3.8e9), ("resnet152", 11.3e9), ("vgg19", 19.6e9)]
+)
 def test_flops_agree_with_the_resnet_paper(name, paper):
     # He et al. (2016), Table 1 and Section 4.1: their "FLOPs" are multiply-adds.
     macs = models.flops(abstract(name, num_classes=1000), (224, 224, 3)) / 2

@@ -12,6 +12,7 @@ from flax import nnx
 
 from convlib import models
 
+
 def registered(name, **options):
     return lambda rngs, **kw: models.create(name, rngs=rngs, **kw, **options)
 
@@ -23,18 +24,28 @@ def resnet(**options):
 # Each architecture at its smallest: one block per stage where the depth is free.
 CASES = {
     "lenet5": (registered("lenet5", in_channels=1), (32, 1)),
-    "lenet5_modern": (registered("lenet5_modern", in_channels=1, input_size=28, activation="tanh", pool="avg"),
-                      (28, 1)),
+    "lenet5_modern": (
+        registered("lenet5_modern", in_channels=1, input_size=28, activation="tanh", pool="avg"),
+        (28, 1),
+    ),
     "alexnet_small": (registered("alexnet_small", channels=(4, 8, 8, 8, 4), hidden=16), (32, 3)),
     "vgg11_bn_small": (registered("vgg11_bn_small", widths=(4, 4, 8, 8, 8), hidden=8), (32, 3)),
-    "resnet8 (CIFAR, option A)": (resnet(block="basic", stage_sizes=(1, 1, 1), widths=(4, 4, 8), stem="cifar",
-                                         shortcut="A"), (32, 3)),
-    "plain8 (CIFAR)": (resnet(block="basic", stage_sizes=(1, 1, 1), widths=(4, 4, 8), stem="cifar",
-                              residual=False), (32, 3)),
-    "resnet10 (ImageNet, basic, option B)": (resnet(block="basic", stage_sizes=(1, 1, 1, 1), widths=(4, 4, 4, 8)),
-                                             (32, 3)),
-    "resnet14 (ImageNet, bottleneck)": (resnet(block="bottleneck", stage_sizes=(1, 1, 1, 1), widths=(2, 2, 2, 2)),
-                                        (32, 3)),
+    "resnet8 (CIFAR, option A)": (
+        resnet(block="basic", stage_sizes=(1, 1, 1), widths=(4, 4, 8), stem="cifar", shortcut="A"),
+        (32, 3),
+    ),
+    "plain8 (CIFAR)": (
+        resnet(block="basic", stage_sizes=(1, 1, 1), widths=(4, 4, 8), stem="cifar", residual=False),
+        (32, 3),
+    ),
+    "resnet10 (ImageNet, basic, option B)": (
+        resnet(block="basic", stage_sizes=(1, 1, 1, 1), widths=(4, 4, 4, 8)),
+        (32, 3),
+    ),
+    "resnet14 (ImageNet, bottleneck)": (
+        resnet(block="bottleneck", stage_sizes=(1, 1, 1, 1), widths=(2, 2, 2, 2)),
+        (32, 3),
+    ),
     "context_basic": (registered("context_basic", num_classes=3), (16, 3)),
     "context_large": (registered("context_large", num_classes=2), (16, 2)),
 }

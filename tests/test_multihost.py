@@ -28,9 +28,27 @@ DEADLINE_S = 300
 TOLERANCE = 1e-5
 # ResNet-8 (BatchNorm) on synthetic data: 80 training images = 5 steps of 16 per epoch, 16 test images in eval batches
 # of 5 (the last holds 1 row: process 1's share of it is all padding).
-FLAGS = ["--model", "resnet20", "--model-option", "depth=8", "--model-option", "widths=[2,4,4]", "--synthetic", "80",
-         "--batch-size", "16", "--eval-batch-size", "5", "--schedule", "constant", "--warmup-epochs", "0",
-         "--parallel", "sharding", "--no-progress"]
+FLAGS = [
+    "--model",
+    "resnet20",
+    "--model-option",
+    "depth=8",
+    "--model-option",
+    "widths=[2,4,4]",
+    "--synthetic",
+    "80",
+    "--batch-size",
+    "16",
+    "--eval-batch-size",
+    "5",
+    "--schedule",
+    "constant",
+    "--warmup-epochs",
+    "0",
+    "--parallel",
+    "sharding",
+    "--no-progress",
+]
 
 
 def free_port() -> int:
@@ -42,8 +60,9 @@ def free_port() -> int:
 def start(args: list[str], devices: int, log) -> subprocess.Popen:
     """experiments/train.py with ``args`` on ``devices`` forced CPU devices, in a new process group."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, SCRIPT, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def kill(procs: dict) -> None:
@@ -58,8 +77,9 @@ def tail(path, lines: int = 15) -> str:
         return "".join([line for line in f if not line.startswith(("W0", "I0", "[Gloo]"))][-lines:])
 
 
-def run_together(tmp_path, runs: dict[str, tuple[list[str], int]], deadline_s: float = DEADLINE_S,
-                 procs: dict | None = None) -> None:
+def run_together(
+    tmp_path, runs: dict[str, tuple[list[str], int]], deadline_s: float = DEADLINE_S, procs: dict | None = None
+) -> None:
     """Starts ``{name: (args, devices)}`` at once (into ``procs``) and waits for all; on the first failure (or the
     deadline) kills every survivor's process group and fails naming the culprit with the tail of its log."""
     logs = {name: tmp_path / f"{name}.log" for name in runs}
@@ -73,8 +93,9 @@ def run_together(tmp_path, runs: dict[str, tuple[list[str], int]], deadline_s: f
             codes = {name: proc.poll() for name, proc in procs.items()}
             failed = [name for name, code in codes.items() if code not in (None, 0)]
             if failed:
-                pytest.fail(f"{failed[0]} exited with {codes[failed[0]]}; killed the others. Its log:\n"
-                            f"{tail(logs[failed[0]])}")
+                pytest.fail(
+                    f"{failed[0]} exited with {codes[failed[0]]}; killed the others. Its log:\n{tail(logs[failed[0]])}"
+                )
             if all(code == 0 for code in codes.values()):
                 return
             if time.monotonic() > deadline:
@@ -86,8 +107,23 @@ def run_together(tmp_path, runs: dict[str, tuple[list[str], int]], deadline_s: f
 
 def two_processes(tmp_path, *flags: str) -> dict[str, tuple[list[str], int]]:
     coordinator = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
-    return {f"process{i}": ([*FLAGS, *flags, *coordinator, "--process-id", str(i), "--out", str(tmp_path / f"out{i}"),
-                             "--checkpoint-dir", str(tmp_path / "checkpoints")], 2) for i in (0, 1)}
+    return {
+        f"process{i}": (
+            [
+                *FLAGS,
+                *flags,
+                *coordinator,
+                "--process-id",
+                str(i),
+                "--out",
+                str(tmp_path / f"out{i}"),
+                "--checkpoint-dir",
+                str(tmp_path / "checkpoints"),
+            ],
+            2,
+        )
+        for i in (0, 1)
+    }
 
 
 def read_checkpoint(path) -> dict[str, np.ndarray]:
@@ -119,10 +155,10 @@ def test_two_processes_train_like_one_and_resume(runs):
     assert [r["step"] for r in after_first if r["kind"] == "step"] == [1, 2, 3, 4, 5]
     one, two = records(tmp / "reference" / "metrics.jsonl"), records(tmp / "out0" / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in two] == [(r["kind"], r["step"]) for r in one]
-    steps = lambda log, key: [r[key] for r in log if r["kind"] == "step"]  # noqa: E731
+    steps = lambda log, key: [r[key] for r in log if r["kind"] == "step"]
     assert steps(two, "batch_size") == [16] * 10
     np.testing.assert_allclose(steps(two, "loss"), steps(one, "loss"), rtol=TOLERANCE, atol=TOLERANCE)
-    epochs = lambda log, key: [r[key] for r in log if r["kind"] == "epoch"]  # noqa: E731
+    epochs = lambda log, key: [r[key] for r in log if r["kind"] == "epoch"]
     np.testing.assert_allclose(epochs(two, "test_loss"), epochs(one, "test_loss"), rtol=TOLERANCE, atol=TOLERANCE)
     assert epochs(two, "test_accuracy") == epochs(one, "test_accuracy")
     results = {name: json.loads((tmp / name / "results.json").read_text()) for name in ("reference", "out0")}
@@ -159,8 +195,23 @@ def test_process_without_coordinator_stops_naming_it(tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with open(tmp_path / "lonely.log", "w") as log:
-        proc = start([*FLAGS, "--coordinator", address, "--num-processes", "2", "--process-id", "1",
-                      "--distributed-timeout", "5", "--out", str(tmp_path / "out")], 2, log)
+        proc = start(
+            [
+                *FLAGS,
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                "1",
+                "--distributed-timeout",
+                "5",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            2,
+            log,
+        )
     try:
         code = proc.wait(timeout=60)
     finally:
@@ -173,17 +224,25 @@ def test_process_without_coordinator_stops_naming_it(tmp_path):
 def test_auto_outside_a_cluster_says_so(tmp_path):
     cluster = ("SLURM_", "OMPI_", "PMI_", "KUBERNETES_", "TPU_")  # what JAX's auto-detection reads
     env = {k: v for k, v in os.environ.items() if not k.startswith(cluster)}
-    done = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--coordinator", "auto", "--distributed-timeout", "5",
-                           "--out", str(tmp_path)], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, *FLAGS, "--coordinator", "auto", "--distributed-timeout", "5", "--out", str(tmp_path)],
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert "coordinator='auto': JAX found no cluster environment" in done.stderr, done.stderr[-2000:]
 
 
 def test_global_batch_not_divisible_by_devices_is_named(tmp_path):
-    done = subprocess.run([sys.executable, SCRIPT, *FLAGS, "--batch-size", "6", "--out", str(tmp_path)],
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                               "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, *FLAGS, "--batch-size", "6", "--out", str(tmp_path)],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "--batch-size 6 is not divisible by the 4 devices (1 processes) of --parallel sharding" in done.stderr
 
@@ -193,15 +252,22 @@ def test_process_batches_split_the_global_batches():
     labels = np.arange(22, dtype=np.int32)
     key = jax.random.key(3)
     whole = list(data.batches(key, images, labels, 6))
-    split = [list(distributed.process_batches(key, images, labels, 6, process_index=p, process_count=3))
-             for p in range(3)]
+    split = [
+        list(distributed.process_batches(key, images, labels, 6, process_index=p, process_count=3)) for p in range(3)
+    ]
     assert len(whole) == 3 and all(len(parts) == 3 for parts in split)
     for b, batch in enumerate(whole):
         for name in ("image", "label"):
             np.testing.assert_array_equal(np.concatenate([split[p][b][name] for p in range(3)]), batch[name])
     # Evaluation: in order, every process yields ceil(5 / 2) = 3 rows per batch; the mask marks the 22 real rows.
-    evals = [list(distributed.process_batches(key, images, labels, 5, shuffle=False, drop_remainder=False,
-                                              process_index=p, process_count=2)) for p in range(2)]
+    evals = [
+        list(
+            distributed.process_batches(
+                key, images, labels, 5, shuffle=False, drop_remainder=False, process_index=p, process_count=2
+            )
+        )
+        for p in range(2)
+    ]
     assert [len(e) for e in evals] == [5, 5] and all(b["label"].shape == (3,) for e in evals for b in e)
     real = np.concatenate([b["label"][b["mask"] == 1] for batches in zip(*evals) for b in batches])
     np.testing.assert_array_equal(real, labels)
@@ -216,15 +282,22 @@ def train_script():
         sys.path.remove(os.path.dirname(SCRIPT))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num-processes", "2"], "--num-processes 2 needs --coordinator"),
-    (["--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
-     "--process-id 2 is out of range for --num-processes 2"),
-    (["--coordinator", "10.0.0.1", "--num-processes", "2", "--process-id", "0"],
-     "--coordinator must be HOST:PORT or auto, got '10.0.0.1'"),
-    (["--coordinator", "10.0.0.1:1234", "--process-id", "0"], "--coordinator 10.0.0.1:1234 needs --num-processes"),
-    (["--coordinator", "auto", "--parallel", "none"], "--coordinator needs --parallel sharding or shard_map"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-processes", "2"], "--num-processes 2 needs --coordinator"),
+        (
+            ["--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+            "--process-id 2 is out of range for --num-processes 2",
+        ),
+        (
+            ["--coordinator", "10.0.0.1", "--num-processes", "2", "--process-id", "0"],
+            "--coordinator must be HOST:PORT or auto, got '10.0.0.1'",
+        ),
+        (["--coordinator", "10.0.0.1:1234", "--process-id", "0"], "--coordinator 10.0.0.1:1234 needs --num-processes"),
+        (["--coordinator", "auto", "--parallel", "none"], "--coordinator needs --parallel sharding or shard_map"),
+    ],
+)
 def test_bad_distributed_flags_are_named(flags, message, capsys):
     with pytest.raises(SystemExit):
         train_script().parse_args(["--parallel", "sharding", *flags])

@@ -74,8 +74,9 @@ def test_conv_mixed_precision():
     x = normal((1, 6, 6, 3))
     y = layer(x)
     assert y.dtype == jnp.bfloat16
-    expected = ops.conv(x.astype(jnp.bfloat16), layer.kernel[...].astype(jnp.bfloat16),
-                        layer.bias[...].astype(jnp.bfloat16))
+    expected = ops.conv(
+        x.astype(jnp.bfloat16), layer.kernel[...].astype(jnp.bfloat16), layer.bias[...].astype(jnp.bfloat16)
+    )
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
     # dtype None: computed in the promoted dtype of input and parameters.
     half = nn.Conv(3, 4, 3, param_dtype=jnp.bfloat16, rngs=rngs())
@@ -112,8 +113,10 @@ def test_conv_bad_arguments_name_the_parameter(kwargs, name):
 
 
 def test_conv_gradients_custom_equal_autodiff():
-    layers = {b: nn.Conv(4, 6, 3, stride=2, padding=1, groups=2, dilation=2, backward=b, rngs=rngs())
-              for b in ("custom", "autodiff")}
+    layers = {
+        b: nn.Conv(4, 6, 3, stride=2, padding=1, groups=2, dilation=2, backward=b, rngs=rngs())
+        for b in ("custom", "autodiff")
+    }
     x = normal((2, 9, 9, 4))
 
     def loss(layer, x):

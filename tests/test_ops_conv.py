@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from hypothesis import given, strategies as st
+from conv_configs import conv_configs, random_arrays
+from hypothesis import given
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from conv_configs import conv_configs, random_arrays
 from convlib import ops
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -70,7 +71,11 @@ def test_weight_gradient_equals_loop_correlation_of_input_with_cotangent():
 )
 def test_check_grads_finite_differences(kwargs):
     rng = np.random.default_rng(1)
-    x, w, b = rng.standard_normal((2, 7, 6, 4)), rng.standard_normal((3, 3, 4 // kwargs.get("groups", 1), 4)), rng.standard_normal(4)
+    x, w, b = (
+        rng.standard_normal((2, 7, 6, 4)),
+        rng.standard_normal((3, 3, 4 // kwargs.get("groups", 1), 4)),
+        rng.standard_normal(4),
+    )
     check_grads(lambda x, w, b: ops.conv(x, w, b, **kwargs), (x, w, b), order=2, modes=["rev"])
 
 
@@ -92,8 +97,12 @@ def test_vmap_and_second_order_gradients():
 
     def f(backward):
         per_example = jax.vmap(lambda x: jnp.sum(ops.conv(x, w, stride=2, padding=1, backward=backward) ** 2))
-        return per_example(xs), jax.grad(lambda w_: jnp.sum(jax.grad(
-            lambda x: jnp.sum(jnp.tanh(ops.conv(x, w_, stride=2, padding=1, backward=backward))))(xs[0]) ** 2))(w)
+        return per_example(xs), jax.grad(
+            lambda w_: jnp.sum(
+                jax.grad(lambda x: jnp.sum(jnp.tanh(ops.conv(x, w_, stride=2, padding=1, backward=backward))))(xs[0])
+                ** 2
+            )
+        )(w)
 
     for got, want in zip(f("custom"), f("autodiff")):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -178,12 +187,19 @@ def test_depthwise_with_channel_multiplier():
     x, w = rng.standard_normal((2, 5, 5, 3)), rng.standard_normal((3, 3, 1, 6))  # 3 groups, 2 filters each
     y = ops.conv(x, w, groups=3, padding=1)
     for c in range(3):  # output channels 2c, 2c+1 read only input channel c
-        np.testing.assert_allclose(y[..., 2 * c:2 * c + 2], ops.conv_loops(x[..., c:c + 1], w[..., 2 * c:2 * c + 2], padding=1), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            y[..., 2 * c : 2 * c + 2],
+            ops.conv_loops(x[..., c : c + 1], w[..., 2 * c : 2 * c + 2], padding=1),
+            rtol=RTOL,
+            atol=ATOL,
+        )
     for got, want in zip(grads(x, w, groups=3, padding=1), grads(x, w, "autodiff", groups=3, padding=1)):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.bfloat16, 4e-2), (jnp.float16, 4e-3), (jnp.float32, 1e-5), (jnp.float64, 1e-12)])
+@pytest.mark.parametrize(
+    "dtype, tol", [(jnp.bfloat16, 4e-2), (jnp.float16, 4e-3), (jnp.float32, 1e-5), (jnp.float64, 1e-12)]
+)
 @pytest.mark.parametrize("backward", ["custom", "autodiff"])
 def test_dtypes_keep_their_dtype_and_match_float64(dtype, tol, backward):
     """Tolerance ~ a few units of the dtype's epsilon relative to the output scale (sums of 18 terms)."""
@@ -251,20 +267,28 @@ def test_conv_transpose_is_the_adjoint_of_conv(layout, stride, padding, output_p
     rng = np.random.default_rng(8)
     w = rng.standard_normal((3, 3, 2, 4) if layout == "NHWC" else (4, 2, 3, 3))  # conv: 2*groups -> 4 channels
     c_in = 2 * groups
-    w = w[..., :c_in // groups, :] if layout == "NHWC" else w[:, :c_in // groups]
+    w = w[..., : c_in // groups, :] if layout == "NHWC" else w[:, : c_in // groups]
     size = 7
     x_shape = (2, size, size, c_in) if layout == "NHWC" else (2, c_in, size, size)
     y_probe = ops.conv(np.zeros(x_shape), w, stride=stride, padding=padding, groups=groups, layout=layout)
     y = rng.standard_normal(y_probe.shape)
     out = ops.conv_transpose(y, w, stride=stride, padding=padding, output_padding=0, groups=groups, layout=layout)
-    _, vjp = jax.vjp(lambda x: ops.conv(x, w, stride=stride, padding=padding, groups=groups, layout=layout), np.zeros(out.shape))
+    _, vjp = jax.vjp(
+        lambda x: ops.conv(x, w, stride=stride, padding=padding, groups=groups, layout=layout), np.zeros(out.shape)
+    )
     np.testing.assert_allclose(out, vjp(y)[0], rtol=RTOL, atol=ATOL)
-    bigger = ops.conv_transpose(y, w, stride=stride, padding=padding, output_padding=output_padding, groups=groups, layout=layout)
-    spatial = (slice(None),) + ((slice(None, out.shape[1]), slice(None, out.shape[2])) if layout == "NHWC" else (slice(None), slice(None, out.shape[2])))
+    bigger = ops.conv_transpose(
+        y, w, stride=stride, padding=padding, output_padding=output_padding, groups=groups, layout=layout
+    )
+    spatial = (slice(None),) + (
+        (slice(None, out.shape[1]), slice(None, out.shape[2]))
+        if layout == "NHWC"
+        else (slice(None), slice(None, out.shape[2]))
+    )
     if layout == "NHWC":
         assert bigger.shape[1] == out.shape[1] + output_padding
-        np.testing.assert_allclose(bigger[:, :out.shape[1], :out.shape[2]], out, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(bigger[:, : out.shape[1], : out.shape[2]], out, rtol=RTOL, atol=ATOL)
     else:
         assert bigger.shape[2] == out.shape[2] + output_padding
-        np.testing.assert_allclose(bigger[:, :, :out.shape[2], :out.shape[3]], out, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(bigger[:, :, : out.shape[2], : out.shape[3]], out, rtol=RTOL, atol=ATOL)
     del spatial

@@ -31,7 +31,12 @@ W = np.zeros((3, 3, 4, 6), np.float32)
         ((X, W), {"layout": "NWHC"}, ValueError, r"layout must be .* got 'NWHC'"),
         ((X, W), {"padding_mode": "mirror"}, ValueError, r"padding_mode must be one of .* got 'mirror'"),
         ((X, W), {"backward": "manual"}, ValueError, r"backward must be one of .* got 'manual'"),
-        ((X, W), {"padding": 8, "padding_mode": "reflect"}, ValueError, r"padding \(8, 8\) .* too large for padding_mode='reflect' with input size 8 \(at most 7\)"),
+        (
+            (X, W),
+            {"padding": 8, "padding_mode": "reflect"},
+            ValueError,
+            r"padding \(8, 8\) .* too large for padding_mode='reflect' with input size 8 \(at most 7\)",
+        ),
         ((X, W), {"padding": 9, "padding_mode": "circular"}, ValueError, r"too large for padding_mode='circular'"),
         ((X, W), {"padding": ((-1, 1), (1, 1)), "padding_mode": "reflect"}, ValueError, r"negative padding"),
         ((X.astype(np.int32), W), {}, TypeError, r"x must have a floating dtype, got int32"),

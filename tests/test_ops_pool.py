@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convlib import ops
 
@@ -16,7 +17,6 @@ def pool_loops(x, window, stride, pads, kind, count_include_pad=True, explicit=N
     """Channels-last pooling by explicit loops. `pads`: (lo, hi) per dim incl. any ceil overhang;
     `explicit`: the user's padding (what count_include_pad counts)."""
     explicit = pads if explicit is None else explicit
-    ndim = x.ndim - 2
     fill = -np.inf if kind == "max" else 0.0
     counted = np.pad(np.ones(x.shape[1:-1]), explicit, constant_values=1.0 if count_include_pad else 0.0)
     counted = np.pad(counted, [(0, hi - e) for (_, hi), (_, e) in zip(pads, explicit)])
@@ -57,8 +57,10 @@ def test_pools_match_loops_and_autodiff(config, ceil_mode, count_include_pad, se
         y = f(x, "custom")
         g = np.random.default_rng(seed + 1).standard_normal(y.shape)
         # ceil mode: the high padding grows until the last output's window fits
-        ceil_pads = tuple((lo, max(hi, (y.shape[1 + d] - 1) * stride[d] + window[d] - shape[1 + d] - lo))
-                          for d, (lo, hi) in enumerate(pads))
+        ceil_pads = tuple(
+            (lo, max(hi, (y.shape[1 + d] - 1) * stride[d] + window[d] - shape[1 + d] - lo))
+            for d, (lo, hi) in enumerate(pads)
+        )
         want = pool_loops(x, window, stride, ceil_pads, kind, count_include_pad, explicit=pads)
         np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL)
         (dx_custom,) = jax.vjp(lambda x: f(x, "custom"), x)[1](g)

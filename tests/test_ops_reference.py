@@ -3,9 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conv_configs import conv_configs, random_arrays
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from convlib import ops
 
 pytestmark = pytest.mark.usefixtures("x64")

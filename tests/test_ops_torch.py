@@ -3,9 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conv_configs import conv_configs, random_arrays
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from convlib import ops
 
 torch = pytest.importorskip("torch")
@@ -35,9 +36,17 @@ def test_conv_and_its_gradients_match_pytorch(config, seed):
 def torch_conv(tx, tw, tb, kwargs):
     """PyTorch's conv in NCHW with the same arguments; the padding applied explicitly with F.pad."""
     ndim = tx.ndim - 2
-    geometry = ops.make_geometry(ndim, tuple(tw.shape[2:]), stride=kwargs["stride"], padding=kwargs["padding"],
-                                 dilation=kwargs["dilation"], in_spatial=tuple(tx.shape[2:]))
-    mode = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect", "circular": "circular"}[kwargs["padding_mode"]]
+    geometry = ops.make_geometry(
+        ndim,
+        tuple(tw.shape[2:]),
+        stride=kwargs["stride"],
+        padding=kwargs["padding"],
+        dilation=kwargs["dilation"],
+        in_spatial=tuple(tx.shape[2:]),
+    )
+    mode = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect", "circular": "circular"}[
+        kwargs["padding_mode"]
+    ]
     t = tx
     pads = [p for lo_hi in reversed(geometry.padding) for p in lo_hi]
     if any(pads):
@@ -65,20 +74,42 @@ def test_pools_match_pytorch(window, stride, padding, ceil_mode, count_include_p
         np.testing.assert_allclose(vjp(g)[0], tx.grad.numpy(), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stride, padding, output_padding, groups, dilation", [(2, 1, 1, 1, 1), (3, 0, 2, 2, 1), (2, 2, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "stride, padding, output_padding, groups, dilation", [(2, 1, 1, 1, 1), (3, 0, 2, 2, 1), (2, 2, 1, 2, 2)]
+)
 def test_conv_transpose_matches_pytorch(stride, padding, output_padding, groups, dilation):
     rng = np.random.default_rng(2)
     x, w, b = rng.standard_normal((2, 4, 5, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(3 * groups)
-    y = ops.conv_transpose(x, w, b, stride=stride, padding=padding, output_padding=output_padding,
-                           groups=groups, dilation=dilation, layout="NCHW")
-    want = F.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride=stride,
-                              padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)
+    y = ops.conv_transpose(
+        x,
+        w,
+        b,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
+        layout="NCHW",
+    )
+    want = F.conv_transpose2d(
+        torch.from_numpy(x),
+        torch.from_numpy(w),
+        torch.from_numpy(b),
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
+    )
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("size, kernel, dilation", [(7, 4, 1), (8, 3, 2), (6, 2, 3)])
 def test_same_padding_matches_pytorch(size, kernel, dilation):
-    x, w = np.random.default_rng(3).standard_normal((1, 2, size)), np.random.default_rng(4).standard_normal((3, 2, kernel))
+    x, w = (
+        np.random.default_rng(3).standard_normal((1, 2, size)),
+        np.random.default_rng(4).standard_normal((3, 2, kernel)),
+    )
     y = ops.conv(x, w, padding="same", dilation=dilation, layout="NCHW")
     want = F.conv1d(torch.from_numpy(x), torch.from_numpy(w), padding="same", dilation=dilation)
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-10, atol=1e-12)

@@ -26,9 +26,9 @@ def child(out: str) -> None:
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from test_train import TinyCNN, epoch_batches_for, flat_state, synthetic_data
 
     import convlib.train as T
-    from test_train import TinyCNN, epoch_batches_for, flat_state, synthetic_data
 
     assert jax.device_count() == DEVICES, jax.devices()
     images, labels = synthetic_data()
@@ -51,7 +51,7 @@ def child(out: str) -> None:
             "test_loss": [r["test_loss"] for r in result.records if r["kind"] == "epoch"],
         }
         if mode != "none":
-            step = lambda axis: lambda state, batch: batch  # noqa: E731
+            step = lambda axis: lambda state, batch: batch
             parallel = T.data_parallel(mode, step, step)
             try:
                 parallel.put_batch({"image": jnp.zeros((6, 8, 8, 1)), "label": jnp.zeros(6, jnp.int32)})
@@ -66,7 +66,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "child", str(out)],
-        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())

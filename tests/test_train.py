@@ -54,7 +54,7 @@ def epoch_batches_for(images, labels, batch_size: int, seed: int = 0, nan_at: in
     def epoch_batches(epoch):
         order = np.random.default_rng([seed, epoch]).permutation(len(labels))
         for i in range(per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            idx = order[i * batch_size : (i + 1) * batch_size]
             x = images[idx]
             if nan_at == epoch * per_epoch + i:
                 x = np.full_like(x, np.nan)
@@ -72,8 +72,11 @@ def tiny_fit(tmp=None, *, epochs=2, batch_size=16, dropout=0.1, nan_at=None, **k
     """A few-step run of ``fit`` on the tiny CNN; ``tmp``: folder for checkpoints and the metrics log."""
     images, labels = synthetic_data()
     tx, schedule = tiny_optimizer(epochs * len(labels) // batch_size)
-    paths = {} if tmp is None else {"checkpoint_dir": os.path.join(tmp, "ckpt"),
-                                    "metrics_path": os.path.join(tmp, "metrics.jsonl")}
+    paths = (
+        {}
+        if tmp is None
+        else {"checkpoint_dir": os.path.join(tmp, "ckpt"), "metrics_path": os.path.join(tmp, "metrics.jsonl")}
+    )
     return T.fit(
         TinyCNN(rngs=nnx.Rngs(0, dropout=1), dropout=dropout),
         tx,
@@ -98,8 +101,9 @@ def flat_state(state) -> dict[str, np.ndarray]:
     tree = (state.params, state.rest, state.opt_state)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        jax.tree_util.keystr(path):
-            np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        jax.tree_util.keystr(path): np.asarray(
+            jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        )
         for path, x in leaves
     }
 
@@ -150,8 +154,10 @@ def test_weight_decay_reaches_kernels_only(name):
     tx = T.make_optimizer(name, 0.1, weight_decay=0.5)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
-    changed = {jax.tree_util.keystr(path): bool(jnp.any(u != 0))
-               for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    changed = {
+        jax.tree_util.keystr(path): bool(jnp.any(u != 0))
+        for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+    }
     assert changed == {path: "kernel" in path for path in changed}, changed
     assert sum(changed.values()) == 2  # conv and linear kernels
 
@@ -160,8 +166,9 @@ def test_rbf_loss_matches_lecun_eq_9():
     distances = jnp.array([[0.5, 3.0, 2.0], [4.0, 1.0, 0.2]])
     labels = jnp.array([0, 1])
     j = 1.5
-    expected = [d[c] + math.log(math.exp(-j) + sum(math.exp(-v) for v in d))
-                for d, c in zip(distances.tolist(), [0, 1])]
+    expected = [
+        d[c] + math.log(math.exp(-j) + sum(math.exp(-v) for v in d)) for d, c in zip(distances.tolist(), [0, 1])
+    ]
     np.testing.assert_allclose(T.rbf_loss(distances, labels, j), expected, rtol=1e-6)
     assert T.rbf(j).predict(distances).tolist() == [0, 2]  # nearest prototype
     # The gradient pushes the correct distance down and the others up.
@@ -234,7 +241,10 @@ def run_child(folder, *, slow: bool) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "resume-child", str(folder), "1" if slow else "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -20,9 +20,25 @@ def test_help_explains_every_flag():
     done = run("--help")
     assert done.returncode == 0, done.stderr
     flags = set(re.findall(r"^  (--[a-z-]+)", done.stdout, flags=re.M))
-    for flag in ("--model", "--dataset", "--batch-size", "--epochs", "--steps", "--optimizer", "--lr", "--schedule",
-                 "--weight-decay", "--backward", "--parallel", "--dtype", "--seed", "--out", "--resume",
-                 "--checkpoint-every", "--data-dir"):
+    for flag in (
+        "--model",
+        "--dataset",
+        "--batch-size",
+        "--epochs",
+        "--steps",
+        "--optimizer",
+        "--lr",
+        "--schedule",
+        "--weight-decay",
+        "--backward",
+        "--parallel",
+        "--dtype",
+        "--seed",
+        "--out",
+        "--resume",
+        "--checkpoint-every",
+        "--data-dir",
+    ):
         assert flag in flags, flag
     # Every flag line is followed by a description with its default.
     assert done.stdout.count("(default:") >= len(flags) - 3  # --help, --resume/--flip/--no-progress are switches
@@ -30,8 +46,21 @@ def test_help_explains_every_flag():
 
 def test_a_few_steps_write_results_and_resume(tmp_path):
     pytest.importorskip("matplotlib")
-    flags = ["--synthetic", "640", "--steps", "6", "--batch-size", "64", "--warmup-epochs", "0",
-             "--checkpoint-every", "4", "--no-progress", "--out", str(tmp_path)]
+    flags = [
+        "--synthetic",
+        "640",
+        "--steps",
+        "6",
+        "--batch-size",
+        "64",
+        "--warmup-epochs",
+        "0",
+        "--checkpoint-every",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     done = run(*flags)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

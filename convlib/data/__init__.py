@@ -24,9 +24,9 @@ from convlib.data.sources import IDX_SOURCES, IdxSource, apt_get_install, ensure
 
 __all__ = [
     "IDX_SOURCES",
+    "MEAN_STD",
     "IdxImages",
     "IdxSource",
-    "MEAN_STD",
     "apt_get_install",
     "batches",
     "channel_stats",

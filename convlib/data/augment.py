@@ -37,8 +37,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != np.uint8:
         raise TypeError(f"images: expected dtype uint8, got {images.dtype}")
     values = np.arange(256) / 255.0
-    counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256)
-                       for c in range(images.shape[-1])])  # (C, 256)
+    counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(images.shape[-1])])  # (C, 256)
     mean = counts @ values / counts.sum(axis=1)
     var = (counts * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / counts.sum(axis=1)
     return mean, np.sqrt(var)
@@ -96,7 +95,10 @@ def random_crop(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Arra
     n, h, w, c = jnp.shape(images)
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
-    crop = lambda image, yx: jax.lax.dynamic_slice(image, (yx[0], yx[1], 0), (h, w, c))
+
+    def crop(image, yx):
+        return jax.lax.dynamic_slice(image, (yx[0], yx[1], 0), (h, w, c))
+
     return jax.vmap(crop)(padded, offsets)
 
 

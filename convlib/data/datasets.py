@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -24,8 +25,16 @@ from convlib.data import idx
 from convlib.data.sources import apt_get_install, ensure_idx_files
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
@@ -43,12 +52,21 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
 
     name = "convlib_idx"
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Images stored as raw bytes (Tensor BYTES encoding)."}
-    BUILDER_CONFIGS = [
-        IdxConfig(name="fashion_mnist", class_names=FASHION_MNIST_CLASSES,
-                  description="Fashion-MNIST (Xiao et al. 2017), 60k train / 10k test."),
-        IdxConfig(name="mnist", class_names=DIGIT_CLASSES,
-                  description="MNIST digits (LeCun et al. 1998), 60k train / 10k test."),
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Images stored as raw bytes (Tensor BYTES encoding).",
+    }
+    BUILDER_CONFIGS: ClassVar[list[IdxConfig]] = [
+        IdxConfig(
+            name="fashion_mnist",
+            class_names=FASHION_MNIST_CLASSES,
+            description="Fashion-MNIST (Xiao et al. 2017), 60k train / 10k test.",
+        ),
+        IdxConfig(
+            name="mnist",
+            class_names=DIGIT_CLASSES,
+            description="MNIST digits (LeCun et al. 1998), 60k train / 10k test.",
+        ),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the four IDX files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
@@ -61,12 +79,15 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                # Raw bytes, not the default int64 list: preparing is ~3x faster.
-                "image": tfds.features.Tensor(shape=config.image_shape, dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.BYTES),
-                "label": tfds.features.ClassLabel(names=list(config.class_names)),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Raw bytes, not the default int64 list: preparing is ~3x faster.
+                    "image": tfds.features.Tensor(
+                        shape=config.image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+                    ),
+                    "label": tfds.features.ClassLabel(names=list(config.class_names)),
+                }
+            ),
             supervised_keys=("image", "label"),
             disable_shuffling=True,  # keep the IDX files' order
         )
@@ -119,12 +140,12 @@ def prepare(
     # The test download_and_prepare itself uses; TFDS renames the folder into place when done.
     if not builder.data_path.exists():
         folder = ensure_idx_files(
-            name, source_dir, apt_install=apt_install,
+            name,
+            source_dir,
+            apt_install=apt_install,
             download_dir=data_dir / "downloads" if download else None,
         )
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=folder)
-        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=folder))
     return builder
 
 
@@ -152,8 +173,7 @@ def load(
     """
     if split not in idx.SPLIT_FILES:
         raise ValueError(f"split={split!r}: expected one of {sorted(idx.SPLIT_FILES)}")
-    builder = prepare(name, data_dir=data_dir, source_dir=source_dir,
-                      apt_install=apt_install, download=download)
+    builder = prepare(name, data_dir=data_dir, source_dir=source_dir, apt_install=apt_install, download=download)
     source = builder.as_data_source(split=split)
     examples = source.__getitems__(list(range(len(source))))
     images = np.stack([e["image"] for e in examples])

@@ -34,9 +34,7 @@ def find_idx_file(folder: os.PathLike | str, stem: str) -> Path:
     for candidate in (folder / f"{stem}.gz", folder / stem):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
-        f"IDX file {folder / stem}[.gz] not found: expected {stem}.gz or {stem} in {folder}"
-    )
+    raise FileNotFoundError(f"IDX file {folder / stem}[.gz] not found: expected {stem}.gz or {stem} in {folder}")
 
 
 def missing_idx_files(folder: os.PathLike | str) -> list[str]:
@@ -94,9 +92,7 @@ def read_idx(path: os.PathLike | str, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-def read_idx_split(
-    folder: os.PathLike | str, split: str, num_classes: int = 10
-) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_split(folder: os.PathLike | str, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Reads one split's images and labels from the standard files in ``folder``.
 
     Args:
@@ -125,7 +121,5 @@ def read_idx_split(
             f"images, {labels_path} has {len(labels)} labels"
         )
     if labels.size and labels.max() >= num_classes:
-        raise ValueError(
-            f"IDX file {labels_path} has label {int(labels.max())}, expected labels in [0, {num_classes})"
-        )
+        raise ValueError(f"IDX file {labels_path} has label {int(labels.max())}, expected labels in [0, {num_classes})")
     return images, labels

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,15 @@ def _iterate(key, images, labels, batch_size, shuffle, drop_remainder, transform
     n = images.shape[0]
     order, transform_key = epoch_order(key, n, shuffle), jax.random.split(key)[1]
     for step, start in enumerate(batch_starts(n, batch_size, drop_remainder)):
-        yield _take_batch(images, labels, order, start, jax.random.fold_in(transform_key, step),
-                          batch_size=min(batch_size, n - start), transform=transform)
+        yield _take_batch(
+            images,
+            labels,
+            order,
+            start,
+            jax.random.fold_in(transform_key, step),
+            batch_size=min(batch_size, n - start),
+            transform=transform,
+        )
 
 
 def batches(

@@ -15,8 +15,8 @@ import shutil
 import socket
 import subprocess
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import tensorflow_datasets as tfds
 
@@ -108,9 +108,7 @@ def ensure_idx_files(
     if source_dir is not None:
         source_dir = Path(source_dir)
         if missing := idx.missing_idx_files(source_dir):
-            raise FileNotFoundError(
-                f"source_dir={str(source_dir)!r} lacks the IDX files {missing} (gzip or not)"
-            )
+            raise FileNotFoundError(f"source_dir={str(source_dir)!r} lacks the IDX files {missing} (gzip or not)")
         return source_dir
 
     downloaded = Path(download_dir) / "convlib_idx" / name if download_dir is not None else None
@@ -124,8 +122,10 @@ def ensure_idx_files(
         if apt_install is not None and apt_install(source.debian_package):
             if not idx.missing_idx_files(source.debian_dir):
                 return source.debian_dir
-        tried.append(f"apt-get install {source.debian_package} (apt "
-                     f"{'disabled' if apt_install is None else 'unusable or failed'})")
+        tried.append(
+            f"apt-get install {source.debian_package} (apt "
+            f"{'disabled' if apt_install is None else 'unusable or failed'})"
+        )
 
     url = url or source.url
     if downloaded is not None and _reachable(url):

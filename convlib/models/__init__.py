@@ -16,6 +16,7 @@ from convlib.models.vgg import VGG
 
 __all__ = [
     "C3_TABLE",
+    "VGG",
     "AlexNet",
     "CifarResNet",
     "ContextModule",
@@ -24,7 +25,6 @@ __all__ = [
     "LeNet5",
     "LeNet5Modern",
     "ResNet",
-    "VGG",
     "abstract_model",
     "available",
     "create",

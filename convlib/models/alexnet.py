@@ -33,9 +33,21 @@ class AlexNet(nnx.Module):
     for 1000 classes. `SMALL` holds the 32x32 preset (`alexnet_small`).
     """
 
-    def __init__(self, *, num_classes=10, in_channels=3, input_size=224, conv1=(11, 4, 2),
-                 channels=(96, 256, 384, 384, 256), hidden=4096, dropout=0.5, rngs, backward="custom",
-                 dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        num_classes=10,
+        in_channels=3,
+        input_size=224,
+        conv1=(11, 4, 2),
+        channels=(96, 256, 384, 384, 256),
+        hidden=4096,
+        dropout=0.5,
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
         c1, c2, c3, c4, c5 = (check_positive_int("channels", c) for c in channels)
@@ -51,8 +63,7 @@ class AlexNet(nnx.Module):
         self.conv5 = layers.conv(c4, c5, 3, padding=1, groups=2)
         self.pool5 = layers.max_pool(3, 2)
         size = (input_size, input_size)
-        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.conv3, self.conv4, self.conv5,
-                      self.pool5):
+        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.conv3, self.conv4, self.conv5, self.pool5):
             size = layer.output_spatial(size)
         self.classifier = Classifier(c5 * size[0] * size[1], hidden, num_classes, dropout, layers)
 

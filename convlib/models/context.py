@@ -47,8 +47,18 @@ class ContextModule(nnx.Module):
     in the large module) or "random" (He normal); biases start at zero.
     """
 
-    def __init__(self, *, channels, size="basic", init="identity", init_noise=1e-3, rngs, backward="custom",
-                 dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        channels,
+        size="basic",
+        init="identity",
+        init_noise=1e-3,
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         channels = check_positive_int("channels", channels)
         check_choice("size", size, tuple(WIDTH_FACTORS))
         check_choice("init", init, ("identity", "random"))

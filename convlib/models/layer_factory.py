@@ -34,8 +34,14 @@ class LayerFactory:
 
     def conv(self, in_features, out_features, kernel_size, **kwargs) -> nn.Conv:
         return nn.Conv(
-            in_features, out_features, kernel_size, backward=self.backward, dtype=self.dtype,
-            param_dtype=self.param_dtype, rngs=self.rngs, **kwargs,
+            in_features,
+            out_features,
+            kernel_size,
+            backward=self.backward,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=self.rngs,
+            **kwargs,
         )
 
     def linear(self, in_features, out_features, **kwargs) -> nnx.Linear:
@@ -47,8 +53,12 @@ class LayerFactory:
     def batch_norm(self, features) -> nnx.BatchNorm:
         """BatchNorm over the last axis; its running statistics are kept in `param_dtype`."""
         norm = nnx.BatchNorm(
-            features, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=self.dtype,
-            param_dtype=self.param_dtype, rngs=self.rngs,
+            features,
+            momentum=BATCH_NORM_MOMENTUM,
+            epsilon=BATCH_NORM_EPSILON,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=self.rngs,
         )
         # Flax creates them in float32 whatever param_dtype is.
         norm.mean = nnx.BatchStat(jnp.zeros((features,), self.param_dtype))

@@ -23,9 +23,21 @@ FIELD = 32  # the paper's input field
 # Table I: the S2 maps each C3 map reads (3 consecutive x 6, 4 consecutive x 6,
 # 4 non-consecutive x 3, all six x 1), C3 maps in order.
 C3_TABLE = (
-    (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),
-    (0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (3, 4, 5, 0), (4, 5, 0, 1), (5, 0, 1, 2),
-    (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5),
+    (0, 1, 2),
+    (1, 2, 3),
+    (2, 3, 4),
+    (3, 4, 5),
+    (4, 5, 0),
+    (5, 0, 1),
+    (0, 1, 2, 3),
+    (1, 2, 3, 4),
+    (2, 3, 4, 5),
+    (3, 4, 5, 0),
+    (4, 5, 0, 1),
+    (5, 0, 1, 2),
+    (0, 1, 3, 4),
+    (1, 2, 4, 5),
+    (0, 2, 3, 5),
     (0, 1, 2, 3, 4, 5),
 )
 
@@ -132,8 +144,18 @@ class LeNet5(nnx.Module):
     60,000 trainable parameters with in_channels=1 and the RBF head.
     """
 
-    def __init__(self, *, num_classes=10, in_channels=3, input_size=FIELD, head="softmax", rngs, backward="custom",
-                 dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        num_classes=10,
+        in_channels=3,
+        input_size=FIELD,
+        head="softmax",
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
         check_choice("head", head, ("softmax", "rbf"))
@@ -169,8 +191,21 @@ class LeNet5Modern(nnx.Module):
     are padded by 2 in the first conv (see the module docstring).
     """
 
-    def __init__(self, *, num_classes=10, in_channels=3, input_size=FIELD, activation="relu", pool="max",
-                 channels=(6, 16), hidden=(120, 84), rngs, backward="custom", dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        num_classes=10,
+        in_channels=3,
+        input_size=FIELD,
+        activation="relu",
+        pool="max",
+        channels=(6, 16),
+        hidden=(120, 84),
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))

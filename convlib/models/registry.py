@@ -51,8 +51,17 @@ def available() -> tuple[str, ...]:
     return tuple(sorted(_BUILDERS))
 
 
-def create(name: str, *, num_classes: int = 10, in_channels: int | None = None, rngs: nnx.Rngs,
-           backward: str = "custom", dtype=None, param_dtype=jnp.float32, **options) -> nnx.Module:
+def create(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    rngs: nnx.Rngs,
+    backward: str = "custom",
+    dtype=None,
+    param_dtype=jnp.float32,
+    **options,
+) -> nnx.Module:
     """Builds the model `name` (see :func:`available`); it is called as `model(x)`, x (N, H, W, C) float.
 
     Args:

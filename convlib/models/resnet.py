@@ -128,9 +128,22 @@ class ResNet(nnx.Module):
     :class:`ImageNetResNet` are the paper's nets.
     """
 
-    def __init__(self, *, block="basic", stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet",
-                 residual=True, shortcut="B", num_classes=10, in_channels=3, rngs, backward="custom", dtype=None,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        block="basic",
+        stage_sizes=(2, 2, 2, 2),
+        widths=(64, 128, 256, 512),
+        stem="imagenet",
+        residual=True,
+        shortcut="B",
+        num_classes=10,
+        in_channels=3,
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         block = BLOCKS[check_choice("block", block, tuple(BLOCKS))]
         stem = STEMS[check_choice("stem", stem, tuple(STEMS))]
         check_choice("shortcut", shortcut, SHORTCUTS)
@@ -167,14 +180,35 @@ class CifarResNet(ResNet):
     ResNet-20: 269,722 parameters for 10 classes. `residual=False` gives the plain net.
     """
 
-    def __init__(self, *, depth=20, residual=True, shortcut="A", widths=(16, 32, 64), num_classes=10,
-                 in_channels=3, rngs, backward="custom", dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        depth=20,
+        residual=True,
+        shortcut="A",
+        widths=(16, 32, 64),
+        num_classes=10,
+        in_channels=3,
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
         super().__init__(
-            block="basic", stage_sizes=((depth - 2) // 6,) * 3, widths=widths, stem="cifar",
-            residual=residual, shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, rngs=rngs,
-            backward=backward, dtype=dtype, param_dtype=param_dtype,
+            block="basic",
+            stage_sizes=((depth - 2) // 6,) * 3,
+            widths=widths,
+            stem="cifar",
+            residual=residual,
+            shortcut=shortcut,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            rngs=rngs,
+            backward=backward,
+            dtype=dtype,
+            param_dtype=param_dtype,
         )
 
 
@@ -193,13 +227,34 @@ class ImageNetResNet(ResNet):
     Widths 64-128-256-512 (x4 out of a bottleneck); ResNet-50: 25,557,032 parameters for 1000 classes.
     """
 
-    def __init__(self, *, depth=50, residual=True, shortcut="B", widths=(64, 128, 256, 512), num_classes=10,
-                 in_channels=3, rngs, backward="custom", dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        depth=50,
+        residual=True,
+        shortcut="B",
+        widths=(64, 128, 256, 512),
+        num_classes=10,
+        in_channels=3,
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         if depth not in IMAGENET_DEPTHS:
             raise ValueError(f"depth must be one of {tuple(IMAGENET_DEPTHS)}, got {depth!r}")
         block, stage_sizes = IMAGENET_DEPTHS[depth]
         super().__init__(
-            block=block, stage_sizes=stage_sizes, widths=widths, stem="imagenet", residual=residual,
-            shortcut=shortcut, num_classes=num_classes, in_channels=in_channels, rngs=rngs, backward=backward,
-            dtype=dtype, param_dtype=param_dtype,
+            block=block,
+            stage_sizes=stage_sizes,
+            widths=widths,
+            stem="imagenet",
+            residual=residual,
+            shortcut=shortcut,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            rngs=rngs,
+            backward=backward,
+            dtype=dtype,
+            param_dtype=param_dtype,
         )

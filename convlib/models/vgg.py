@@ -64,9 +64,23 @@ class VGG(nnx.Module):
     units (4096 on ImageNet; 512 in the 32x32 preset `SMALL`) and dropout.
     """
 
-    def __init__(self, *, depth=16, config=None, batch_norm=False, num_classes=10, in_channels=3, input_size=224,
-                 widths=WIDTHS, hidden=4096, dropout=0.5, rngs, backward="custom", dtype=None,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self,
+        *,
+        depth=16,
+        config=None,
+        batch_norm=False,
+        num_classes=10,
+        in_channels=3,
+        input_size=224,
+        widths=WIDTHS,
+        hidden=4096,
+        dropout=0.5,
+        rngs,
+        backward="custom",
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
         if depth not in DEFAULT_CONFIG:
             raise ValueError(f"depth must be one of {tuple(DEFAULT_CONFIG)}, got {depth!r}")
         config = DEFAULT_CONFIG[depth] if config is None else config

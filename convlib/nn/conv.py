@@ -88,8 +88,14 @@ class Conv(nnx.Module):
         self.ndim = spatial_ndim("kernel_size", kernel_size, ndim)
         check_padding_string(padding)
         geometry = ops.make_geometry(
-            self.ndim, kernel_size, stride=stride, padding=0 if isinstance(padding, str) else padding,
-            dilation=dilation, groups=groups, layout=self.layout, padding_mode=padding_mode,
+            self.ndim,
+            kernel_size,
+            stride=stride,
+            padding=0 if isinstance(padding, str) else padding,
+            dilation=dilation,
+            groups=groups,
+            layout=self.layout,
+            padding_mode=padding_mode,
         )
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.kernel_size, self.stride, self.dilation = geometry.kernel, geometry.stride, geometry.dilation
@@ -111,8 +117,15 @@ class Conv(nnx.Module):
     def geometry(self, in_spatial) -> ops.Geometry:
         """The ops :class:`~convlib.ops.Geometry` of this layer for inputs of spatial shape `in_spatial`."""
         return ops.make_geometry(
-            self.ndim, self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
-            groups=self.groups, layout=self.layout, padding_mode=self.padding_mode, in_spatial=tuple(in_spatial),
+            self.ndim,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            layout=self.layout,
+            padding_mode=self.padding_mode,
+            in_spatial=tuple(in_spatial),
         )
 
     def output_spatial(self, in_spatial) -> tuple[int, ...]:
@@ -124,8 +137,13 @@ class Conv(nnx.Module):
         dtype = self.dtype or jnp.result_type(x, *params)
         x, *params = (jnp.asarray(a, dtype) for a in (x, *params))
         conv = functools.partial(
-            ops.conv, stride=self.stride, padding=self.padding, dilation=self.dilation,
-            padding_mode=self.padding_mode, layout=self.layout, backward=self.backward,
+            ops.conv,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+            layout=self.layout,
+            backward=self.backward,
         )
         if self.output_sharding is None:
             return conv(x, *params, groups=self.groups)

@@ -24,8 +24,7 @@ class LocalResponseNorm(nnx.Module):
     Shapes: x (N, *S, C) for "NHWC", (N, C, *S) for "NCHW"; the output has x's shape and dtype.
     """
 
-    def __init__(self, size: int = 5, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
-                 layout: str = "NHWC"):
+    def __init__(self, size: int = 5, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, layout: str = "NHWC"):
         self.size = check_positive_int("size", size)
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not isinstance(value, numbers.Real) or value < 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,8 +19,11 @@ class _Pool(nnx.Module):
         self.ndim = spatial_ndim("window", window, ndim)
         check_padding_string(padding)
         geometry = ops.make_geometry(
-            self.ndim, window, stride=window if stride is None else stride,
-            padding=0 if isinstance(padding, str) else padding, layout=self.layout,
+            self.ndim,
+            window,
+            stride=window if stride is None else stride,
+            padding=0 if isinstance(padding, str) else padding,
+            layout=self.layout,
         )
         self.window, self.stride = geometry.kernel, geometry.stride
         self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
@@ -48,13 +49,17 @@ class MaxPool(_Pool):
     default 2), stride (default window), padding (-inf), ceil_mode, layout, backward.
     """
 
-    def __init__(self, window, stride=None, padding=0, *, ndim=None, ceil_mode=False, layout="NHWC",
-                 backward="custom"):
+    def __init__(self, window, stride=None, padding=0, *, ndim=None, ceil_mode=False, layout="NHWC", backward="custom"):
         super().__init__(window, stride, padding, ndim=ndim, ceil_mode=ceil_mode, layout=layout, backward=backward)
 
     def _pool(self, x):
         return ops.max_pool(
-            x, self.window, self.stride, self.padding, ceil_mode=self.ceil_mode, layout=self.layout,
+            x,
+            self.window,
+            self.stride,
+            self.padding,
+            ceil_mode=self.ceil_mode,
+            layout=self.layout,
             backward=self.backward,
         )
 
@@ -66,15 +71,31 @@ class AvgPool(_Pool):
     ceil_mode, layout, backward; an int window uses `ndim` (default 2).
     """
 
-    def __init__(self, window, stride=None, padding=0, *, ndim=None, count_include_pad=True, ceil_mode=False,
-                 layout="NHWC", backward="custom"):
+    def __init__(
+        self,
+        window,
+        stride=None,
+        padding=0,
+        *,
+        ndim=None,
+        count_include_pad=True,
+        ceil_mode=False,
+        layout="NHWC",
+        backward="custom",
+    ):
         super().__init__(window, stride, padding, ndim=ndim, ceil_mode=ceil_mode, layout=layout, backward=backward)
         self.count_include_pad = bool(count_include_pad)
 
     def _pool(self, x):
         return ops.avg_pool(
-            x, self.window, self.stride, self.padding, count_include_pad=self.count_include_pad,
-            ceil_mode=self.ceil_mode, layout=self.layout, backward=self.backward,
+            x,
+            self.window,
+            self.stride,
+            self.padding,
+            count_include_pad=self.count_include_pad,
+            ceil_mode=self.ceil_mode,
+            layout=self.layout,
+            backward=self.backward,
         )
 
 

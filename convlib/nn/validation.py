@@ -53,4 +53,3 @@ def spatial_ndim(name: str, size, ndim) -> int:
 def check_padding_string(padding) -> None:
     if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
         raise ValueError(f"padding must be an int, a sequence, 'SAME' or 'VALID'; got {padding!r}")
-

@@ -11,8 +11,8 @@ from convlib.ops.reference import IMPLEMENTATIONS, conv_by, conv_im2col, conv_la
 
 __all__ = [
     "BACKWARDS",
-    "Geometry",
     "IMPLEMENTATIONS",
+    "Geometry",
     "ReceptiveField",
     "avg_pool",
     "conv",

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.geometry import Geometry, int_tuple, make_geometry
+from convlib.ops.sharding import sum_to_primal_axes
 
 BACKWARDS = ("custom", "textbook", "autodiff")
 
@@ -268,11 +268,7 @@ def bias_gradient(g, geometry: Geometry):
 
 def _textbook_backward(geometry: Geometry, residuals, g):
     x, w, b = residuals
-    dx = (
-        jnp.zeros_like(x)
-        if g.size == 0
-        else input_gradient(g, w, geometry, geometry.spatial_shape(x.shape))
-    )
+    dx = jnp.zeros_like(x) if g.size == 0 else input_gradient(g, w, geometry, geometry.spatial_shape(x.shape))
     dw = weight_gradient(x, g, geometry, w.shape)
     db = None if b is None else bias_gradient(g, geometry).astype(g.dtype)
     return dx, dw, db
@@ -339,8 +335,15 @@ def conv(
     x, w = _as_array("x", x), _as_array("w", w)
     b = None if b is None else _as_array("b", b)
     geometry = conv_geometry(
-        x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        padding_mode=padding_mode, layout=layout,
+        x,
+        w,
+        b,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        layout=layout,
     )
     dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
     x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
@@ -363,9 +366,7 @@ def convolve(x, w, b=None, **kwargs):
     return conv(x, jnp.flip(w, axis=tuple(spatial)), b, **kwargs)
 
 
-def conv_transpose(
-    x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1, layout="NHWC"
-):
+def conv_transpose(x, w, b=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1, layout="NHWC"):
     """Transposed convolution: the adjoint of :func:`conv` with the same `w`.
 
     `w` is the kernel of the forward conv whose adjoint this is, so x has that

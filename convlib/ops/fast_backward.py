@@ -25,7 +25,6 @@ from convlib.ops.conv import bias_gradient, full_correlation_padding, input_grad
 from convlib.ops.geometry import Geometry
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
-
 # --------------------------------------------------------------------------- input gradient by phases
 
 
@@ -150,8 +149,12 @@ def depthwise_weight_gradient(x, g, geometry: Geometry, kernel_shape):
     x_pad = jnp.repeat(pad_spatial(x, geometry), multiplier, axis=geometry.channel_axis)
     out_spatial = geometry.spatial_shape(g.shape)
     batch_and_space = tuple(a for a in range(g.ndim) if a != geometry.channel_axis)
-    taps = jnp.stack([jnp.sum(window_view(x_pad, k, geometry, out_spatial) * g, axis=batch_and_space)
-                      for k in window_offsets(geometry)])  # (prod K, C_out)
+    taps = jnp.stack(
+        [
+            jnp.sum(window_view(x_pad, k, geometry, out_spatial) * g, axis=batch_and_space)
+            for k in window_offsets(geometry)
+        ]
+    )  # (prod K, C_out)
     return taps.reshape(kernel_shape) if geometry.layout == "NHWC" else taps.T.reshape(kernel_shape)
 
 
@@ -168,8 +171,10 @@ def depthwise_input_gradient(g, w, geometry: Geometry, in_spatial):
     g_full = lax.pad(g, jnp.zeros((), g.dtype), full_rank(geometry, pads, (0, 0, 0)))
     unit_stride = dataclasses.replace(geometry, stride=(1,) * geometry.ndim)
     per_channel = tuple(-1 if a == geometry.channel_axis else 1 for a in range(g.ndim))
-    dx = sum(window_view(g_full, k, unit_stride, in_spatial) * _flipped_tap(w, k, geometry).reshape(per_channel)
-             for k in window_offsets(geometry))
+    dx = sum(
+        window_view(g_full, k, unit_stride, in_spatial) * _flipped_tap(w, k, geometry).reshape(per_channel)
+        for k in window_offsets(geometry)
+    )
     axis, c_in = geometry.channel_axis, geometry.groups
     return dx.reshape(*dx.shape[:axis], c_in, -1, *dx.shape[axis + 1 :]).sum(axis + 1)
 
@@ -201,11 +206,14 @@ def gradients_per_group(geometry: Geometry, x, w, g, inner: Plan | None = None):
     `inner`: the plan of every group's conv (None: planned here).
     """
     one = dataclasses.replace(geometry, groups=1)
-    blocks = zip(*(_channel_blocks(a, axis, geometry.groups) for a, axis in
-                   ((x, geometry.channel_axis), (w, _kernel_out_axis(geometry)), (g, geometry.channel_axis))))
+    blocks = zip(
+        *(
+            _channel_blocks(a, axis, geometry.groups)
+            for a, axis in ((x, geometry.channel_axis), (w, _kernel_out_axis(geometry)), (g, geometry.channel_axis))
+        )
+    )
     dxs, dws = zip(*(gradients(one, xj, wj, gj, inner) for xj, wj, gj in blocks))
-    return (jnp.concatenate(dxs, axis=geometry.channel_axis),
-            jnp.concatenate(dws, axis=_kernel_out_axis(geometry)))
+    return (jnp.concatenate(dxs, axis=geometry.channel_axis), jnp.concatenate(dws, axis=_kernel_out_axis(geometry)))
 
 
 def gradients_by_depth_taps(geometry: Geometry, x, w, g, inner: Plan | None = None):
@@ -226,20 +234,32 @@ def gradients_by_depth_taps(geometry: Geometry, x, w, g, inner: Plan | None = No
     dx, dws = jnp.zeros_like(x), []
     for k in range(geometry.kernel[0]):
         x_k = lax.slice_in_dim(x_pad, d * k, d * k + s * (n_out - 1) + 1, s, axis=depth)
-        dx_k, dw_k = gradients(flat, _fold_depth(x_k, depth), lax.index_in_dim(w, k, taps_axis, keepdims=False),
-                               _fold_depth(g, depth), inner)
+        dx_k, dw_k = gradients(
+            flat,
+            _fold_depth(x_k, depth),
+            lax.index_in_dim(w, k, taps_axis, keepdims=False),
+            _fold_depth(g, depth),
+            inner,
+        )
         dws.append(dw_k)
         unfolded = jnp.moveaxis(dx_k.reshape(x.shape[0], n_out, *dx_k.shape[1:]), 1, depth)
-        config = [(d * k - lo, size + lo - d * k - s * (n_out - 1) - 1, s - 1) if a == depth else (0, 0, 0)
-                  for a in range(x.ndim)]
+        config = [
+            (d * k - lo, size + lo - d * k - s * (n_out - 1) - 1, s - 1) if a == depth else (0, 0, 0)
+            for a in range(x.ndim)
+        ]
         dx = dx + lax.pad(unfolded, jnp.zeros((), x.dtype), config)
     return dx, jnp.stack(dws, axis=taps_axis)
 
 
 def _without_depth(geometry: Geometry) -> Geometry:
     """A 3-D geometry's last two spatial dims."""
-    return dataclasses.replace(geometry, kernel=geometry.kernel[1:], stride=geometry.stride[1:],
-                               padding=geometry.padding[1:], dilation=geometry.dilation[1:])
+    return dataclasses.replace(
+        geometry,
+        kernel=geometry.kernel[1:],
+        stride=geometry.stride[1:],
+        padding=geometry.padding[1:],
+        dilation=geometry.dilation[1:],
+    )
 
 
 def _fold_depth(a, depth: int):

@@ -112,9 +112,7 @@ def _explicit_padding(padding, ndim: int) -> Pairs:
             return tuple((int(p), int(p)) for p in padding)
         if all(isinstance(p, Sequence) and len(p) == 2 and all(_is_int(q) for q in p) for p in padding):
             return tuple((int(lo), int(hi)) for lo, hi in padding)
-    raise ValueError(
-        f"padding must be an int, {ndim} ints, {ndim} (lo, hi) pairs, 'SAME' or 'VALID'; got {padding!r}"
-    )
+    raise ValueError(f"padding must be an int, {ndim} ints, {ndim} (lo, hi) pairs, 'SAME' or 'VALID'; got {padding!r}")
 
 
 def same_padding(in_spatial, kernel, stride, dilation) -> Pairs:
@@ -203,9 +201,7 @@ def check_fits(geometry: Geometry, in_spatial: Sequence[int]) -> None:
             )
         if geometry.padding_mode != "zeros":
             if lo < 0 or hi < 0:
-                raise ValueError(
-                    f"negative padding {geometry.padding} is only allowed with padding_mode='zeros'"
-                )
+                raise ValueError(f"negative padding {geometry.padding} is only allowed with padding_mode='zeros'")
             limit = h - 1 if geometry.padding_mode == "reflect" else h
             if geometry.padding_mode != "replicate" and max(lo, hi) > limit:
                 raise ValueError(

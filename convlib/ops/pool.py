@@ -25,8 +25,8 @@ import numpy as np
 from jax import lax
 
 from convlib.ops.conv import BACKWARDS, _as_array
-from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.geometry import Geometry, ceil_mode_padding, make_geometry
+from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
 
@@ -39,14 +39,16 @@ def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout=
     ndim, layout = x.ndim - 2, layout.upper()
     in_spatial = x.shape[1:-1] if layout == "NHWC" else x.shape[2:]
     geometry = make_geometry(
-        ndim, window, stride=window if stride is None else stride, padding=padding, layout=layout,
+        ndim,
+        window,
+        stride=window if stride is None else stride,
+        padding=padding,
+        layout=layout,
         in_spatial=in_spatial,
     )
     for (lo, hi), k in zip(geometry.padding, geometry.kernel):
         if not 0 <= lo <= k // 2 or not 0 <= hi <= k // 2:
-            raise ValueError(
-                f"padding must be between 0 and half the window {geometry.kernel}, got {padding!r}"
-            )
+            raise ValueError(f"padding must be between 0 and half the window {geometry.kernel}, got {padding!r}")
     if ceil_mode:
         pads = ceil_mode_padding(in_spatial, geometry.padding, geometry.kernel, geometry.stride)
         geometry = dataclasses.replace(geometry, padding=pads)
@@ -55,7 +57,9 @@ def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout=
 
 def _reduce(x, init, op, geometry: Geometry):
     return lax.reduce_window(
-        x, init, op,
+        x,
+        init,
+        op,
         window_dimensions=full_rank(geometry, geometry.kernel, 1),
         window_strides=full_rank(geometry, geometry.stride, 1),
         padding=full_rank(geometry, geometry.padding, (0, 0)),
@@ -144,7 +148,9 @@ def avg_pool_divisor(geometry: Geometry, explicit_padding, in_spatial, count_inc
 
 def _avg_forward(x, geometry: Geometry, explicit_padding, count_include_pad: bool):
     divisor = avg_pool_divisor(geometry, explicit_padding, geometry.spatial_shape(x.shape), count_include_pad)
-    return _reduce(x, 0.0, lax.add, geometry) / jnp.asarray(divisor.reshape(full_rank(geometry, divisor.shape, 1)), x.dtype)
+    return _reduce(x, 0.0, lax.add, geometry) / jnp.asarray(
+        divisor.reshape(full_rank(geometry, divisor.shape, 1)), x.dtype
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
@@ -177,8 +183,10 @@ def _spread_over_tiles(share, geometry: Geometry, in_spatial):
     window reads get nothing)."""
     for axis, k in zip(geometry.spatial_axes, geometry.kernel):
         share = jnp.repeat(share, k, axis=axis)
-    crops = [(-lo, h + lo - tiled, 0) for (lo, _), h, tiled in
-             zip(geometry.padding, in_spatial, geometry.spatial_shape(share.shape))]
+    crops = [
+        (-lo, h + lo - tiled, 0)
+        for (lo, _), h, tiled in zip(geometry.padding, in_spatial, geometry.spatial_shape(share.shape))
+    ]
     return lax.pad(share, jnp.zeros((), share.dtype), full_rank(geometry, crops, (0, 0, 0)))
 
 
@@ -186,7 +194,14 @@ _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
 
 
 def avg_pool(
-    x, window, stride=None, padding=0, *, count_include_pad=True, ceil_mode=False, layout="NHWC",
+    x,
+    window,
+    stride=None,
+    padding=0,
+    *,
+    count_include_pad=True,
+    ceil_mode=False,
+    layout="NHWC",
     backward="custom",
 ):
     """Average pooling over 1, 2 or 3 spatial dims (PyTorch's `avg_pool{1,2,3}d` semantics).

@@ -71,9 +71,7 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract_saved(like)), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract_saved(like)), meta=ocp.args.JsonRestore()),
         )
         state = jax.tree.map(
             lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if is_prng_key(ref) else x,

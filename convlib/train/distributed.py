@@ -91,11 +91,13 @@ def initialize(
         return
     parse_address(coordinator)
     if num_processes is None or process_id is None:
-        raise ValueError(f"coordinator {coordinator!r} needs num_processes and process_id, got {num_processes!r} "
-                         f"and {process_id!r}")
+        raise ValueError(
+            f"coordinator {coordinator!r} needs num_processes and process_id, got {num_processes!r} and {process_id!r}"
+        )
     if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id must be in [0, {num_processes}) for num_processes={num_processes}, "
-                         f"got {process_id!r}")
+        raise ValueError(
+            f"process_id must be in [0, {num_processes}) for num_processes={num_processes}, got {process_id!r}"
+        )
     started = time.monotonic()
     if process_id > 0:  # else the runtime aborts the process after the timeout, without naming the address
         wait_for_coordinator(coordinator, timeout_s)

@@ -143,17 +143,20 @@ def fit(
         ``{"kind": "step", "step", "epoch", "loss", "accuracy", "grad_norm", "learning_rate", "batch_size",
         "time_s", "images_per_s"}`` (``batch_size``: the global batch; time includes fetching the batch; a
         process's first step includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch",
-        "train_loss", "train_accuracy", "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up to the checkpoint are read back,
-        so the log equals an uninterrupted run's, timings aside.
+        "train_loss", "train_accuracy", "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up
+        to the checkpoint are read back, so the log equals an uninterrupted run's, timings aside.
       progress: show a tqdm progress bar and a line per epoch.
 
     Raises:
       NonFiniteLossError: the loss or gradient norm became NaN/inf (nothing is saved after the last good step).
       ValueError: bad arguments, too few batches in an epoch, or a checkpoint that does not fit.
     """
-    for name, value, low in (("steps_per_epoch", steps_per_epoch, 1), ("epochs", epochs, 1),
-                             ("checkpoint_every", checkpoint_every, 0),
-                             ("max_steps", epochs * steps_per_epoch if max_steps is None else max_steps, 1)):
+    for name, value, low in (
+        ("steps_per_epoch", steps_per_epoch, 1),
+        ("epochs", epochs, 1),
+        ("checkpoint_every", checkpoint_every, 0),
+        ("max_steps", epochs * steps_per_epoch if max_steps is None else max_steps, 1),
+    ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     started = time.perf_counter()
@@ -218,8 +221,15 @@ def fit(
                 metrics = parallel.host_metrics(metrics)
                 now = time.perf_counter()
                 size = int(batch["label"].size)  # the global batch, also when split across devices or processes
-                record = {"kind": "step", "step": step + 1, "epoch": epoch, **metrics, "batch_size": size,
-                          "time_s": now - tick, "images_per_s": size / (now - tick)}
+                record = {
+                    "kind": "step",
+                    "step": step + 1,
+                    "epoch": epoch,
+                    **metrics,
+                    "batch_size": size,
+                    "time_s": now - tick,
+                    "images_per_s": size / (now - tick),
+                }
                 records.append(record)
                 if step > first_step:
                     timed.append(record)
@@ -230,22 +240,26 @@ def fit(
                         step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last_saved
                     )
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
-                                lr=f"{metrics['learning_rate']:.3g}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    acc=f"{metrics['accuracy']:.3f}",
+                    lr=f"{metrics['learning_rate']:.3g}",
+                    refresh=False,
+                )
                 if step != end and due():
                     save()
             if step != end:
-                raise ValueError(
-                    f"epoch_batches({epoch}) yielded fewer batches than steps_per_epoch={steps_per_epoch}"
-                )
+                raise ValueError(f"epoch_batches({epoch}) yielded fewer batches than steps_per_epoch={steps_per_epoch}")
             epoch_steps = [r for r in records if r["kind"] == "step" and r["epoch"] == epoch]
             summary = _epoch_record(epoch_steps, step, epoch, [r for r in timed if r["epoch"] == epoch])
             if eval_batches is not None:
                 result = evaluate(parallel, placed, eval_batches())
                 summary.update(test_loss=result["loss"], test_accuracy=result["accuracy"])
                 if progress:
-                    bar.write(f"epoch {epoch + 1}: train loss {summary['train_loss']:.4f}, "
-                              f"test accuracy {result['accuracy']:.4f}")
+                    bar.write(
+                        f"epoch {epoch + 1}: train loss {summary['train_loss']:.4f}, "
+                        f"test accuracy {result['accuracy']:.4f}"
+                    )
             records.append(summary)
             if checkpoints is not None and (due() or step == total):
                 save()
@@ -260,5 +274,4 @@ def fit(
     nnx.update(model, state.params, state.rest)
     images = sum(r["batch_size"] for r in timed)
     seconds = sum(r["time_s"] for r in timed)
-    return FitResult(model, state, records, images / seconds if seconds else math.nan,
-                     time.perf_counter() - started)
+    return FitResult(model, state, records, images / seconds if seconds else math.nan, time.perf_counter() - started)

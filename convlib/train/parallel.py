@@ -111,8 +111,9 @@ def data_parallel(
     devices = sorted(jax.devices() if devices is None else devices, key=lambda d: d.process_index)
     local = sum(d.process_index == jax.process_index() for d in devices)
     if mode in ("none", "pmap") and local < len(devices):
-        raise ValueError(f"parallel={mode!r} runs on this process's devices only; across processes use "
-                         "'sharding' or 'shard_map'")
+        raise ValueError(
+            f"parallel={mode!r} runs on this process's devices only; across processes use 'sharding' or 'shard_map'"
+        )
     identity = lambda x: x  # noqa: E731
     if mode == "none":
         device = devices[0]

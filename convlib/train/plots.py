@@ -22,8 +22,9 @@ def plot_history(records: list[dict], path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = [("loss", "loss", axes[0]), ("accuracy", "accuracy", axes[1])]
     for metric, label, ax in panels:
-        ax.plot([r["step"] for r in steps], [r[metric] for r in steps], lw=0.5, alpha=0.4,
-                label=f"train {label} (step)")
+        ax.plot(
+            [r["step"] for r in steps], [r[metric] for r in steps], lw=0.5, alpha=0.4, label=f"train {label} (step)"
+        )
         for split in ("train", "test"):
             points = [(r["step"], r[f"{split}_{metric}"]) for r in epochs if f"{split}_{metric}" in r]
             if points:

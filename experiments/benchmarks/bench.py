@@ -18,11 +18,11 @@ import os
 import sys
 
 import jax
+import layers
 import machine  # puts experiments/ on sys.path (outputs)
 import outputs
-
-import layers
 import training
+
 from convlib.train import write_json
 from convlib.train.atomic_files import write_text
 
@@ -33,21 +33,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/benchmarks", help="output folder (created if missing)")
     p.add_argument("--name", default=None, help="file stem of the results (default: the machine's short name)")
     p.add_argument("--quick", action="store_true", help="one tiny case per suite, 2 repeats (a smoke run)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per function after one compiling call "
-                   "(default: 2 with --quick, else 7)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per function after one compiling call (default: 2 with --quick, else 7)",
+    )
     p.add_argument("--training-repeats", type=int, default=None, help="timed steps per model (default: --repeats)")
     p.add_argument("--layouts", default="NHWC,NCHW", help="comma-separated layouts of the conv cases")
-    p.add_argument("--gemm-size", type=int, default=None, help="side of the float32 GEMM ceiling, timed on its "
-                   "own and in every conv case's rounds (default: 256 with --quick, 1024 on a CPU, 8192 on an "
-                   "accelerator)")
-    p.add_argument("--modes", default=",".join(layers.CONV_MODES), help="comma-separated conv backward modes of "
-                   "the layer suite; autodiff, the baseline, always runs")
-    p.add_argument("--models", default=None, help="comma-separated models of the training suite, from "
-                   f"{', '.join(training.MODELS)} and resnet50 (bfloat16, 224x224; meant for a GPU) (default: "
-                   "lenet5_modern with --quick, else the first four)")
-    p.add_argument("--batch", type=int, default=None, help="batch of every training-suite model (default: 8 "
-                   "with --quick, else each model's own: " + ", ".join(f"{k} {v[0]}" for k, v in
-                                                                      training.MODELS.items()) + ")")
+    p.add_argument(
+        "--gemm-size",
+        type=int,
+        default=None,
+        help="side of the float32 GEMM ceiling, timed on its "
+        "own and in every conv case's rounds (default: 256 with --quick, 1024 on a CPU, 8192 on an "
+        "accelerator)",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(layers.CONV_MODES),
+        help="comma-separated conv backward modes of the layer suite; autodiff, the baseline, always runs",
+    )
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated models of the training suite, from "
+        f"{', '.join(training.MODELS)} and resnet50 (bfloat16, 224x224; meant for a GPU) (default: "
+        "lenet5_modern with --quick, else the first four)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch of every training-suite model (default: 8 "
+        "with --quick, else each model's own: " + ", ".join(f"{k} {v[0]}" for k, v in training.MODELS.items()) + ")",
+    )
     p.add_argument("--resnet50-batch", type=int, default=64, help="batch of resnet50 in the training suite")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters")
@@ -92,27 +112,39 @@ def progress_printer(enabled: bool):
 def markdown(results: dict) -> str:
     """The report: machine line, GEMM ceiling, summary and the tables."""
     info, gemm = results["machine"], results["machine"]["gemm"]
-    lines = [f"# convlib benchmarks, {info['date'][:10]}", "",
-             f"Machine: {outputs.describe(info)}; PyTorch {info['torch'] or 'not installed'}. "
-             f"GEMM ceiling: {gemm['gflops']:.0f} GFLOP/s (float32 {gemm['size']}^3 matmul, same run; each conv "
-             "row's fraction of GEMM uses the GEMM timed in that row's own rounds).",
-             f"Command: `{results['command']}`. Load average (1, 5, 15 min) at start "
-             f"{', '.join(f'{v:.1f}' for v in results['load_average_at_start'])}, at end "
-             f"{', '.join(f'{v:.1f}' for v in results['load_average_at_end'])} (2 cores: above 2 the machine was "
-             "shared).", ""]
+    lines = [
+        f"# convlib benchmarks, {info['date'][:10]}",
+        "",
+        f"Machine: {outputs.describe(info)}; PyTorch {info['torch'] or 'not installed'}. "
+        f"GEMM ceiling: {gemm['gflops']:.0f} GFLOP/s (float32 {gemm['size']}^3 matmul, same run; each conv "
+        "row's fraction of GEMM uses the GEMM timed in that row's own rounds).",
+        f"Command: `{results['command']}`. Load average (1, 5, 15 min) at start "
+        f"{', '.join(f'{v:.1f}' for v in results['load_average_at_start'])}, at end "
+        f"{', '.join(f'{v:.1f}' for v in results['load_average_at_end'])} (2 cores: above 2 the machine was "
+        "shared).",
+        "",
+    ]
     if "layers" in results:
         s = results["layers"]["summary"]
-        lines += ["## Layers", "",
-                  f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
-                  f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
-                  f"({s['worst']['layer']}, {s['worst']['layout']}). Ratios < 1: custom is faster.", "",
-                  "custom dW as a fraction of the GEMM timed in the same rounds (3x3 layers with >= 16 channels): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in s["custom dW of GEMM (3x3, >= 16 channels)"].items()), "",
-                  outputs.markdown_table(results["layers"]["conv"], layers.CONV_COLUMNS, "Convolutions"),
-                  outputs.markdown_table(results["layers"]["pool"], layers.POOL_COLUMNS, "Pools")]
+        lines += [
+            "## Layers",
+            "",
+            f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
+            f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
+            f"({s['worst']['layer']}, {s['worst']['layout']}). Ratios < 1: custom is faster.",
+            "",
+            "custom dW as a fraction of the GEMM timed in the same rounds (3x3 layers with >= 16 channels): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in s["custom dW of GEMM (3x3, >= 16 channels)"].items()),
+            "",
+            outputs.markdown_table(results["layers"]["conv"], layers.CONV_COLUMNS, "Convolutions"),
+            outputs.markdown_table(results["layers"]["pool"], layers.POOL_COLUMNS, "Pools"),
+        ]
     if "training" in results:
-        lines += ["## Training steps", "",
-                  outputs.markdown_table(results["training"]["models"], training.COLUMNS, "images/s")]
+        lines += [
+            "## Training steps",
+            "",
+            outputs.markdown_table(results["training"]["models"], training.COLUMNS, "images/s"),
+        ]
     return "\n".join(lines)
 
 
@@ -123,15 +155,22 @@ def main(argv=None) -> dict:
     gemm = machine.gemm_ceiling(gemm_size, args.repeats)
     info = machine.record(gemm)
     command = " ".join(["python", "experiments/benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
-    results = {"command": command, "config": vars(args), "machine": info, "git": outputs.source_version(),
-               "load_average_at_start": os.getloadavg()}
+    results = {
+        "command": command,
+        "config": vars(args),
+        "machine": info,
+        "git": outputs.source_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
     with_torch = not args.no_torch
     if args.suite in ("layers", "all"):
-        results["layers"] = layers.run(args.quick, args.repeats, args.layouts, args.modes, gemm_size, with_torch,
-                                       args.seed, progress)
+        results["layers"] = layers.run(
+            args.quick, args.repeats, args.layouts, args.modes, gemm_size, with_torch, args.seed, progress
+        )
     if args.suite in ("training", "all"):
-        results["training"] = training.run(args.models, args.training_repeats, with_torch, args.batch,
-                                           args.resnet50_batch, args.seed, progress)
+        results["training"] = training.run(
+            args.models, args.training_repeats, with_torch, args.batch, args.resnet50_batch, args.seed, progress
+        )
     results["load_average_at_end"] = os.getloadavg()
     name = args.name or machine.short_name(info)
     os.makedirs(args.out, exist_ok=True)

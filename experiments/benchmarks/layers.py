@@ -45,8 +45,7 @@ class ConvCase:
         return len(self.spatial)
 
     def options(self, layout: str) -> dict:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-                    layout=layout)
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups, layout=layout)
 
     def arrays(self, layout: str, key):
         """x, w, b in `layout` (float32), w scaled by 1/sqrt(fan-in)."""
@@ -57,17 +56,28 @@ class ConvCase:
         else:
             x_shape, w_shape = (self.batch, self.c_in, *self.spatial), (self.c_out, self.c_in // self.groups, *kernel)
         fan_in = self.kernel**self.ndim * self.c_in // self.groups
-        return (jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape) / math.sqrt(fan_in),
-                jax.random.normal(kb, (self.c_out,)))
+        return (
+            jax.random.normal(kx, x_shape),
+            jax.random.normal(kw, w_shape) / math.sqrt(fan_in),
+            jax.random.normal(kb, (self.c_out,)),
+        )
 
     def out_spatial(self) -> tuple[int, ...]:
-        return tuple((h + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
-                     for h in self.spatial)
+        return tuple(
+            (h + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1 for h in self.spatial
+        )
 
     def flops(self) -> int:
         """2 x the multiply-adds of the forward (dX and dW have as many)."""
-        return (2 * self.batch * math.prod(self.out_spatial()) * self.c_out * self.kernel**self.ndim
-                * self.c_in // self.groups)
+        return (
+            2
+            * self.batch
+            * math.prod(self.out_spatial())
+            * self.c_out
+            * self.kernel**self.ndim
+            * self.c_in
+            // self.groups
+        )
 
     def describe(self) -> str:
         extra = "".join(f" {k}{v}" for k, v in (("s", self.stride), ("d", self.dilation), ("g", self.groups)) if v > 1)
@@ -138,6 +148,7 @@ def conv_calls(case: ConvCase, layout: str, modes, key) -> dict:
     g = jax.random.normal(jax.random.fold_in(key, 1), y.shape)
     calls = {"forward": (jax.jit(lambda x, w, b: ops.conv(x, w, b, **options)), (x, w, b))}
     for mode in modes:
+
         def f(x, w, b, mode=mode):
             return ops.conv(x, w, b, **options, backward=mode)
 
@@ -165,14 +176,28 @@ def torch_conv_calls(case: ConvCase, torch) -> dict:
 
     def backward(mask):
         return torch.ops.aten.convolution_backward(
-            g, x, w, [case.c_out], [case.stride] * n, [case.padding] * n, [case.dilation] * n, False, [0] * n,
-            case.groups, mask)
+            g,
+            x,
+            w,
+            [case.c_out],
+            [case.stride] * n,
+            [case.padding] * n,
+            [case.dilation] * n,
+            False,
+            [0] * n,
+            case.groups,
+            mask,
+        )
 
     def fwd_bwd():
         return fn(x, w, b, **conv), backward([True, True, True])
 
-    calls = {"forward": lambda: fn(x, w, b, **conv), "dX": lambda: backward([True, False, False]),
-             "dW": lambda: backward([False, True, False]), "fwd+bwd": fwd_bwd}
+    calls = {
+        "forward": lambda: fn(x, w, b, **conv),
+        "dX": lambda: backward([True, False, False]),
+        "dW": lambda: backward([False, True, False]),
+        "fwd+bwd": fwd_bwd,
+    }
     return {f"torch {k}": (_no_grad(torch, v), ()) for k, v in calls.items()}
 
 
@@ -186,6 +211,7 @@ def _no_grad(torch, fn):
 
 def _synchronised(torch, fn):
     """fn, then waiting for the GPU (if any): a time then covers the work, not its launch."""
+
     def call():
         fn()
         if torch.cuda.is_available():
@@ -206,8 +232,14 @@ def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm, with_torch:
     x, w, _ = case.arrays(layout, key)
     plan = fast_backward.plan(conv_geometry(x, w, **case.options(layout)), x.shape, w.shape)
     gemm_gflops = gflops(gemm[2], times.pop("gemm")["ms"])
-    row = {"layer": case.name, "layout": layout, "shape": case.describe(), "gflop": flop / 1e9,
-           "custom plan": str(plan), "gemm GFLOP/s": gemm_gflops}
+    row = {
+        "layer": case.name,
+        "layout": layout,
+        "shape": case.describe(),
+        "gflop": flop / 1e9,
+        "custom plan": str(plan),
+        "gemm GFLOP/s": gemm_gflops,
+    }
     for name, t in times.items():
         work = 3 * flop if name.endswith("fwd+bwd") else flop
         row[f"{name} ms"] = t["ms"]
@@ -217,8 +249,7 @@ def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm, with_torch:
     for mode in modes[1:]:
         for part in ("dX", "dW", "fwd+bwd"):
             row[f"{mode}/autodiff {part}"] = times[f"{mode} {part}"]["ms"] / times[f"autodiff {part}"]["ms"]
-        row[f"{mode}/autodiff fwd+bwd cpu"] = (times[f"{mode} fwd+bwd"]["cpu_ms"]
-                                               / times["autodiff fwd+bwd"]["cpu_ms"])
+        row[f"{mode}/autodiff fwd+bwd cpu"] = times[f"{mode} fwd+bwd"]["cpu_ms"] / times["autodiff fwd+bwd"]["cpu_ms"]
     return row
 
 
@@ -248,8 +279,12 @@ def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
 
 def _torch_pool_calls(case: PoolCase, x, g, torch) -> dict:
     pool = torch.nn.functional.max_pool2d if case.kind == "max" else torch.nn.functional.avg_pool2d
-    tx, tg = (torch.from_numpy(np.array(jnp.moveaxis(a, -1, 1))).to(torch_device(torch))
-              .contiguous(memory_format=torch.channels_last) for a in (x, g))
+    tx, tg = (
+        torch.from_numpy(np.array(jnp.moveaxis(a, -1, 1)))
+        .to(torch_device(torch))
+        .contiguous(memory_format=torch.channels_last)
+        for a in (x, g)
+    )
     tx.requires_grad_(True)
 
     def forward():
@@ -273,10 +308,14 @@ def run(quick: bool, repeats: int, layouts, modes, gemm_size: int, with_torch: b
     conv_cases = QUICK_CONV_CASES if quick else CONV_CASES
     pool_cases = QUICK_POOL_CASES if quick else POOL_CASES
     jobs = [(c, layout) for c in conv_cases for layout in layouts]
-    conv_rows = [conv_row(c, layout, modes, repeats, gemm, with_torch, jax.random.fold_in(key, i))
-                 for i, (c, layout) in enumerate(progress(jobs, "conv layers"))]
-    pool_rows = [pool_row(c, repeats, with_torch, jax.random.fold_in(key, 1000 + i))
-                 for i, c in enumerate(progress(pool_cases, "pools"))]
+    conv_rows = [
+        conv_row(c, layout, modes, repeats, gemm, with_torch, jax.random.fold_in(key, i))
+        for i, (c, layout) in enumerate(progress(jobs, "conv layers"))
+    ]
+    pool_rows = [
+        pool_row(c, repeats, with_torch, jax.random.fold_in(key, 1000 + i))
+        for i, c in enumerate(progress(pool_cases, "pools"))
+    ]
     return {"conv": conv_rows, "pool": pool_rows, "summary": summary(conv_rows, conv_cases)}
 
 
@@ -290,22 +329,52 @@ def summary(rows, cases) -> dict:
 
     ratios = [r["custom/autodiff fwd+bwd"] for r in rows]
     worst = max(rows, key=lambda r: r["custom/autodiff fwd+bwd"])
-    wide_3x3 = [r for r in rows if by_name[r["layer"]].kernel == 3 and by_name[r["layer"]].ndim == 2
-                and min(by_name[r["layer"]].c_in, by_name[r["layer"]].c_out) >= 16
-                and by_name[r["layer"]].groups == 1]
+    wide_3x3 = [
+        r
+        for r in rows
+        if by_name[r["layer"]].kernel == 3
+        and by_name[r["layer"]].ndim == 2
+        and min(by_name[r["layer"]].c_in, by_name[r["layer"]].c_out) >= 16
+        and by_name[r["layer"]].groups == 1
+    ]
     return {
         "custom/autodiff fwd+bwd geomean": geomean(ratios),
         "custom/autodiff fwd+bwd cpu geomean": geomean([r["custom/autodiff fwd+bwd cpu"] for r in rows]),
         "worst": {"layer": worst["layer"], "layout": worst["layout"], "ratio": worst["custom/autodiff fwd+bwd"]},
-        "custom dW of GEMM (3x3, >= 16 channels)": {f"{r['layer']} {r['layout']}": r["custom dW of GEMM"]
-                                                    for r in wide_3x3},
+        "custom dW of GEMM (3x3, >= 16 channels)": {
+            f"{r['layer']} {r['layout']}": r["custom dW of GEMM"] for r in wide_3x3
+        },
         "gemm GFLOP/s median": statistics.median(r["gemm GFLOP/s"] for r in rows),
     }
 
 
-CONV_COLUMNS = ("layer", "layout", "shape", "forward GFLOP/s", "autodiff dX GFLOP/s", "custom dX GFLOP/s",
-                "autodiff dW GFLOP/s", "custom dW GFLOP/s", "gemm GFLOP/s", "custom dW of GEMM", "autodiff fwd+bwd ms",
-                "textbook fwd+bwd ms", "custom fwd+bwd ms", "custom/autodiff fwd+bwd",
-                "custom/autodiff fwd+bwd cpu", "torch fwd+bwd ms", "custom plan")
-POOL_COLUMNS = ("layer", "shape", "forward ms", "autodiff dX ms", "custom dX ms", "autodiff fwd+bwd ms",
-                "custom fwd+bwd ms", "custom/autodiff fwd+bwd", "torch fwd+bwd ms")
+CONV_COLUMNS = (
+    "layer",
+    "layout",
+    "shape",
+    "forward GFLOP/s",
+    "autodiff dX GFLOP/s",
+    "custom dX GFLOP/s",
+    "autodiff dW GFLOP/s",
+    "custom dW GFLOP/s",
+    "gemm GFLOP/s",
+    "custom dW of GEMM",
+    "autodiff fwd+bwd ms",
+    "textbook fwd+bwd ms",
+    "custom fwd+bwd ms",
+    "custom/autodiff fwd+bwd",
+    "custom/autodiff fwd+bwd cpu",
+    "torch fwd+bwd ms",
+    "custom plan",
+)
+POOL_COLUMNS = (
+    "layer",
+    "shape",
+    "forward ms",
+    "autodiff dX ms",
+    "custom dX ms",
+    "autodiff fwd+bwd ms",
+    "custom fwd+bwd ms",
+    "custom/autodiff fwd+bwd",
+    "torch fwd+bwd ms",
+)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/: outputs, timing
 
-import outputs  # noqa: E402
-from timing import interleaved_times  # noqa: E402
+import outputs
+from timing import interleaved_times
 
 
 def torch_module():
@@ -43,8 +43,13 @@ def gemm_ceiling(size: int, repeats: int) -> dict:
     """GFLOP/s of the float32 GEMM of `gemm_call(size)` on its own."""
     fn, args, flop = gemm_call(size)
     t = interleaved_times({"gemm": (fn, args)}, repeats)["gemm"]
-    return {"size": size, "dtype": "float32", "ms": t["ms"], "gflops": flop / t["ms"] / 1e6,
-            "gflops_per_cpu_second": flop / t["cpu_ms"] / 1e6}
+    return {
+        "size": size,
+        "dtype": "float32",
+        "ms": t["ms"],
+        "gflops": flop / t["ms"] / 1e6,
+        "gflops_per_cpu_second": flop / t["cpu_ms"] / 1e6,
+    }
 
 
 def record(gemm: dict) -> dict:

@@ -10,9 +10,18 @@ from torch import nn
 def lenet5_modern(num_classes: int, in_channels: int) -> nn.Module:
     """conv 6@5x5 - ReLU - max 2 - conv 16@5x5 - ReLU - max 2 - FC 120 - FC 84 - FC (32x32 input)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+        nn.Conv2d(in_channels, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
     )
 
 
@@ -22,8 +31,11 @@ class _BasicBlock(nn.Module):
     def __init__(self, c_in: int, width: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+            nn.Conv2d(c_in, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
         )
         self.stride, self.extra = stride, width - c_in
 
@@ -45,8 +57,16 @@ def resnet20(num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _classifier(in_features: int, hidden: int, num_classes: int) -> list:
-    return [nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, hidden),
-            nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, num_classes)]
+    return [
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, num_classes),
+    ]
 
 
 def vgg11_small(num_classes: int, in_channels: int) -> nn.Module:
@@ -64,17 +84,31 @@ def alexnet_small(num_classes: int, in_channels: int) -> nn.Module:
     """AlexNet on 32x32: conv1 48@5x5 - LRN - max 3/2 - conv2 128@5x5 g2 - LRN - max 3/2 - conv3 192 - conv4 192 g2
     - conv5 128 g2 - max 3/2 - classifier 1024 (LRN alpha n x ours, PyTorch's convention)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 48, 5, 1, 2), nn.ReLU(), nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0), nn.MaxPool2d(3, 2),
-        nn.Conv2d(48, 128, 5, 1, 2, groups=2), nn.ReLU(), nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0),
+        nn.Conv2d(in_channels, 48, 5, 1, 2),
+        nn.ReLU(),
+        nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0),
         nn.MaxPool2d(3, 2),
-        nn.Conv2d(128, 192, 3, 1, 1), nn.ReLU(), nn.Conv2d(192, 192, 3, 1, 1, groups=2), nn.ReLU(),
-        nn.Conv2d(192, 128, 3, 1, 1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(48, 128, 5, 1, 2, groups=2),
+        nn.ReLU(),
+        nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(128, 192, 3, 1, 1),
+        nn.ReLU(),
+        nn.Conv2d(192, 192, 3, 1, 1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(192, 128, 3, 1, 1, groups=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
         *_classifier(128 * 3 * 3, 1024, num_classes),
     )
 
 
-MODELS = {"lenet5_modern": lenet5_modern, "resnet20": resnet20, "vgg11_small": vgg11_small,
-          "alexnet_small": alexnet_small}
+MODELS = {
+    "lenet5_modern": lenet5_modern,
+    "resnet20": resnet20,
+    "vgg11_small": vgg11_small,
+    "alexnet_small": alexnet_small,
+}
 
 
 def train_step(name: str, batch: int, in_channels: int, size: int = 32):

@@ -14,34 +14,46 @@ from convlib import models, train
 
 MODES = ("autodiff", "custom")
 # name -> (batch, input channels, input side)
-MODELS = {"lenet5_modern": (256, 1, 32), "resnet20": (128, 3, 32), "vgg11_small": (128, 3, 32),
-          "alexnet_small": (128, 3, 32)}
+MODELS = {
+    "lenet5_modern": (256, 1, 32),
+    "resnet20": (128, 3, 32),
+    "vgg11_small": (128, 3, 32),
+    "alexnet_small": (128, 3, 32),
+}
 RESNET50 = ("resnet50", 224)
 
 
 def jax_step(name: str, batch: int, in_channels: int, size: int, backward: str, seed: int, dtype=None):
     """(jitted train_step, (state, batch)) for model `name` on a random batch; `dtype` the compute dtype."""
-    model = models.create(name, num_classes=10, in_channels=in_channels, rngs=nnx.Rngs(seed), backward=backward,
-                          dtype=dtype)
+    model = models.create(
+        name, num_classes=10, in_channels=in_channels, rngs=nnx.Rngs(seed), backward=backward, dtype=dtype
+    )
     tx = train.make_optimizer("sgd", 0.01, momentum=0.9)
     graphdef, state = train.create_train_state(model, tx, jax.random.key(seed))
     step = jax.jit(train.make_train_step(graphdef, tx, train.CROSS_ENTROPY))
     key = jax.random.key(seed + 1)
-    data = {"image": jax.random.normal(key, (batch, size, size, in_channels), dtype or jnp.float32),
-            "label": jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, 10)}
+    data = {
+        "image": jax.random.normal(key, (batch, size, size, in_channels), dtype or jnp.float32),
+        "label": jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, 10),
+    }
     return step, (state, data)
 
 
-def model_row(name: str, batch: int, in_channels: int, size: int, repeats: int, with_torch: bool, seed: int,
-              dtype=None) -> dict:
+def model_row(
+    name: str, batch: int, in_channels: int, size: int, repeats: int, with_torch: bool, seed: int, dtype=None
+) -> dict:
     """images/s of one model's training step per backward mode (and PyTorch's), timed in turns."""
     calls = {mode: jax_step(name, batch, in_channels, size, mode, seed, dtype) for mode in MODES}
     torch = torch_module() if with_torch and name in _torch_models() else None
     if torch is not None:
         calls["torch"] = (_torch_models()[name](name, batch, in_channels, size), ())
     times = interleaved_times(calls, repeats)
-    row = {"model": name, "batch": batch, "input": f"{size}x{size}x{in_channels}",
-           "dtype": jnp.dtype(dtype or jnp.float32).name}
+    row = {
+        "model": name,
+        "batch": batch,
+        "input": f"{size}x{size}x{in_channels}",
+        "dtype": jnp.dtype(dtype or jnp.float32).name,
+    }
     for mode, t in times.items():
         row[f"{mode} ms"], row[f"{mode} cpu_ms"] = t["ms"], t["cpu_ms"]
         row[f"{mode} images/s"] = batch / t["ms"] * 1e3
@@ -63,11 +75,20 @@ def run(names, repeats: int, with_torch: bool, batch: int | None, resnet50_batch
     with batch `resnet50_batch`); `batch` overrides every model's batch."""
     specs = {**MODELS, RESNET50[0]: (resnet50_batch, 3, RESNET50[1])}
     jobs = [(name, batch or specs[name][0], *specs[name][1:]) for name in names]
-    rows = [model_row(name, n, channels, size, repeats, with_torch, seed,
-                      jnp.bfloat16 if name == RESNET50[0] else None)
-            for name, n, channels, size in progress(jobs, "training steps")]
+    rows = [
+        model_row(name, n, channels, size, repeats, with_torch, seed, jnp.bfloat16 if name == RESNET50[0] else None)
+        for name, n, channels, size in progress(jobs, "training steps")
+    ]
     return {"models": rows}
 
 
-COLUMNS = ("model", "batch", "input", "dtype", "autodiff images/s", "custom images/s", "custom/autodiff images/s",
-           "torch images/s")
+COLUMNS = (
+    "model",
+    "batch",
+    "input",
+    "dtype",
+    "autodiff images/s",
+    "custom images/s",
+    "custom/autodiff images/s",
+    "torch images/s",
+)
