@@ -21,16 +21,15 @@ import dataclasses
 import functools
 import math
 
-import fashion_training
 import jax
 import jax.numpy as jnp
 import numpy as np
-import outputs
-from agreement import errors
-from timing import median_times
 from tqdm.auto import tqdm
 
 from convlib import models, ops
+from experiments import fashion_training, outputs
+from experiments.agreement import errors
+from experiments.timing import median_times
 
 
 @dataclasses.dataclass(frozen=True)

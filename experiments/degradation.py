@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import time
 
-import fashion_training
 import jax
-import outputs
 from flax import nnx
 
 from convlib import models
+from experiments import fashion_training, outputs
 
 
 def parse_args(argv=None):

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 
-import fashion_training
 import jax
 import jax.numpy as jnp
 import numpy as np
-import outputs
 from flax import nnx
-from timing import median_times
 from tqdm.auto import tqdm
 
 from convlib import models, nn, ops
+from experiments import fashion_training, outputs
+from experiments.timing import median_times
 
 IMPLEMENTATIONS = ("conv", "split")
 

@@ -22,12 +22,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import outputs
-from agreement import errors
-from timing import median_time
 from tqdm.auto import tqdm
 
 from convlib import ops
+from experiments import outputs
+from experiments.agreement import errors
+from experiments.timing import median_time
 
 # (batch, height = width, channels in = out)
 SIZES = {

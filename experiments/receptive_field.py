@@ -21,15 +21,13 @@ Writes into --out: fields.csv, networks.csv, results.json, rf_vs_depth.png, erf.
 
 from __future__ import annotations
 
-import fashion_training
-import feature_maps
 import jax
 import jax.numpy as jnp
 import numpy as np
-import outputs
 from tqdm.auto import tqdm
 
 from convlib import models, ops
+from experiments import fashion_training, feature_maps, outputs
 
 
 def context_dilations(depth: int) -> list[int]:

@@ -20,9 +20,8 @@ import json
 import os
 import sys
 
-import outputs
-
 from convlib.train import distributed
+from experiments import outputs
 
 # Per-model defaults of --model-option. The main job widens lenet5_modern's feature maps from LeNet-5's (6, 16) to
 # (16, 32): with (6, 16) this recipe ends at 0.900-0.910 test accuracy on Fashion-MNIST, with (16, 32) at 0.92.
@@ -249,10 +248,10 @@ def main(argv=None) -> dict:
         join_processes(args)
     import jax
     import jax.numpy as jnp
-    from fashion_training import synthetic_images
     from flax import nnx
 
     from convlib import data, models, train
+    from experiments.fashion_training import synthetic_images
 
     primary = jax.process_index() == 0
     if args.parallel != "none" and args.batch_size % jax.device_count():

@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import os
 
-import fashion_training
-import feature_maps
 import jax
 import numpy as np
-import outputs
 from flax import nnx
 
 from convlib import models, train
+from experiments import fashion_training, feature_maps, outputs
 
 MODEL_OPTIONS = {"lenet5_modern": {"channels": (16, 32), "input_size": 32}, "resnet20": {}}
 

@@ -4,19 +4,13 @@ data), in this process through their main(argv), and write sane, checkable resul
 import importlib
 import json
 import math
-import os
-import sys
 
 import pytest
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-
 
 def script(name):
-    """The experiments/<name>.py module (its folder on sys.path, as when it runs as a script)."""
-    if EXPERIMENTS not in sys.path:
-        sys.path.insert(0, EXPERIMENTS)
-    return importlib.import_module(name)
+    """The experiments/<name>.py module."""
+    return importlib.import_module(f"experiments.{name}")
 
 
 def run_smoke(name, tmp_path, *flags):

@@ -3,8 +3,6 @@ one, JAX's autodiff and the NumPy loop reference, in float64 over the whole conf
 of the benchmark suite."""
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,6 @@ from convlib.ops.conv import conv_geometry, input_gradient, pad_input, weight_gr
 
 # float64 sums of a few hundred products agree to ~1e-15 relative; 1e-10 leaves room for the longest sums.
 RTOL = ATOL = 1e-10
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "benchmarks")
 
 
 def gradients(backward, x, w, b, kwargs, g):
@@ -188,9 +185,7 @@ class TestExact:
 
 
 def test_benchmark_quick_run_writes_results(tmp_path):
-    if BENCHMARKS not in sys.path:
-        sys.path.insert(0, BENCHMARKS)
-    import bench
+    from experiments.benchmarks import bench
 
     bench.main(
         [

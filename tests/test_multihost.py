@@ -275,11 +275,7 @@ def test_process_batches_split_the_global_batches():
 
 
 def train_script():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        return importlib.import_module("train")
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
+    return importlib.import_module("experiments.train")
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,11 @@ import os
 import sys
 
 import jax
-import layers
-import machine  # puts experiments/ on sys.path (outputs)
-import outputs
-import training
 
 from convlib.train import write_json
 from convlib.train.atomic_files import write_text
+from experiments import outputs
+from experiments.benchmarks import layers, machine, training
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,12 +14,12 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from machine import gemm_call, gflops, torch_device, torch_module
-from timing import interleaved_times
 
 from convlib import ops
 from convlib.ops import fast_backward
 from convlib.ops.conv import conv_geometry
+from experiments.benchmarks.machine import gemm_call, gflops, torch_device, torch_module
+from experiments.timing import interleaved_times
 
 CONV_MODES = ("autodiff", "textbook", "custom")
 POOL_MODES = ("autodiff", "custom")

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/: outputs, timing
-
-import outputs
-from timing import interleaved_times
+from experiments import outputs
+from experiments.timing import interleaved_times
 
 
 def torch_module():

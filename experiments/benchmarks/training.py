@@ -7,10 +7,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from machine import torch_module
-from timing import interleaved_times
 
 from convlib import models, train
+from experiments.benchmarks.machine import torch_module
+from experiments.timing import interleaved_times
 
 MODES = ("autodiff", "custom")
 # name -> (batch, input channels, input side)
@@ -65,7 +65,7 @@ def _torch_models() -> dict:
     """Model name -> train-step builder of the PyTorch twins (empty without PyTorch)."""
     if torch_module() is None:
         return {}
-    import torch_models
+    from experiments.benchmarks import torch_models
 
     return {name: torch_models.train_step for name in torch_models.MODELS}
 

@@ -1,0 +1,1 @@
+"""Research scripts over convlib: each parses flags, calls convlib, and writes results into an output folder."""

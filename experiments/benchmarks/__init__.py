@@ -1,0 +1,1 @@
+"""Benchmarks: layers and training steps, convlib against autodiff and PyTorch, timed side by side."""
