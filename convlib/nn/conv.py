@@ -17,16 +17,17 @@ from convlib.nn.validation import (
     check_positive_int,
     spatial_ndim,
 )
+from convlib.ops.geometry import promote
 
 
-def he_normal(layout: str):
+def he_normal(layout: str, ndim: int = 2):
     """He et al. (2015) init for a kernel in the ops layout: truncated normal, variance 2 / fan_in.
 
     fan_in = prod(K) * C_in / groups, read from the kernel's input-feature axis
     and spatial axes: (*K, C_in/g, C_out) for "NHWC", (C_out, C_in/g, *K) for "NCHW".
     """
-    in_axis, out_axis = (-2, -1) if layout == "NHWC" else (1, 0)
-    return jax.nn.initializers.he_normal(in_axis=in_axis, out_axis=out_axis)
+    axes = ops.layout_axes(layout, ndim)
+    return jax.nn.initializers.he_normal(in_axis=axes.kernel_in, out_axis=axes.kernel_out)
 
 
 class Conv(nnx.Module):
@@ -104,13 +105,8 @@ class Conv(nnx.Module):
         self.dtype, self.param_dtype = dtype, param_dtype
         self.output_sharding = output_sharding
 
-        c_in = in_features // groups
-        shape = (
-            (*self.kernel_size, c_in, out_features)
-            if self.layout == "NHWC"
-            else (out_features, c_in, *self.kernel_size)
-        )
-        init = he_normal(self.layout) if kernel_init is None else kernel_init
+        shape = geometry.axes.kernel_shape(self.kernel_size, in_features // groups, out_features)
+        init = he_normal(self.layout, self.ndim) if kernel_init is None else kernel_init
         self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
@@ -134,8 +130,10 @@ class Conv(nnx.Module):
 
     def __call__(self, x):
         params = (self.kernel[...],) + (() if self.bias is None else (self.bias[...],))
-        dtype = self.dtype or jnp.result_type(x, *params)
-        x, *params = (jnp.asarray(a, dtype) for a in (x, *params))
+        if self.dtype is None:
+            x, *params = promote(x, *params)
+        else:
+            x, *params = (jnp.asarray(a, self.dtype) for a in (x, *params))
         conv = functools.partial(
             ops.conv,
             stride=self.stride,
@@ -155,14 +153,14 @@ class Conv(nnx.Module):
         groups divisible by the device count: a device reads only its own input channels (the paper's
         columns); groups=1: every device reads all input channels (XLA gathers them first).
         """
-        axis, channel = self.output_sharding, -1 if self.layout == "NHWC" else 1
+        axis, axes = self.output_sharding, ops.layout_axes(self.layout, self.ndim)
         devices = jax.sharding.get_abstract_mesh().shape[axis]
         if self.groups % devices and self.groups != 1:
             raise ValueError(f"groups={self.groups} must be 1 or divisible by the {devices} devices of {axis!r}")
         split = [None] * x.ndim
-        split[channel] = axis
+        split[axes.channel] = axis
         kernel = [None] * x.ndim
-        kernel[channel if self.layout == "NHWC" else 0] = axis
+        kernel[axes.kernel_out] = axis
         x_spec = P(*split) if self.groups > 1 else P()
         per_device = functools.partial(conv, groups=max(self.groups // devices, 1))
         in_specs = (x_spec, P(*kernel)) + ((P(axis),) if len(params) == 2 else ())

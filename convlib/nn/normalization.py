@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from convlib import ops
 from convlib.nn.validation import check_layout, check_positive_int
 
 
@@ -35,7 +36,7 @@ class LocalResponseNorm(nnx.Module):
         self.layout = check_layout(layout)
 
     def __call__(self, x):
-        axis = x.ndim - 1 if self.layout == "NHWC" else 1
+        axis = ops.layout_axes(self.layout, x.ndim - 2).channel
         window, pads = [1] * x.ndim, [(0, 0)] * x.ndim
         window[axis], pads[axis] = self.size, (self.size // 2, (self.size - 1) // 2)
         energy = lax.reduce_window(jnp.square(x), 0.0, lax.add, window, (1,) * x.ndim, pads)

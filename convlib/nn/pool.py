@@ -34,9 +34,9 @@ class _Pool(nnx.Module):
 
     def output_spatial(self, in_spatial) -> tuple[int, ...]:
         """Spatial output shape for inputs of spatial shape `in_spatial` (traced abstractly, no compute)."""
-        shape = (1, *in_spatial, 1) if self.layout == "NHWC" else (1, 1, *in_spatial)
-        y = jax.eval_shape(self._pool, jax.ShapeDtypeStruct(shape, jnp.float32))
-        return tuple(y.shape[1:-1] if self.layout == "NHWC" else y.shape[2:])
+        axes = ops.layout_axes(self.layout, self.ndim)
+        y = jax.eval_shape(self._pool, jax.ShapeDtypeStruct(axes.array_shape(1, 1, in_spatial), jnp.float32))
+        return tuple(y.shape[a] for a in axes.spatial)
 
     def __call__(self, x):
         return self._pool(x)
@@ -111,6 +111,6 @@ class GlobalAvgPool(nnx.Module):
         self.backward = check_backward(backward)
 
     def __call__(self, x):
-        spatial = x.shape[1:-1] if self.layout == "NHWC" else x.shape[2:]
-        y = ops.avg_pool(x, tuple(spatial), layout=self.layout, backward=self.backward)
+        spatial = tuple(x.shape[a] for a in ops.layout_axes(self.layout, x.ndim - 2).spatial)
+        y = ops.avg_pool(x, spatial, layout=self.layout, backward=self.backward)
         return y.reshape(x.shape[0], -1)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-from convlib import ops
+from convlib.ops.checks import check_choice
+from convlib.ops.geometry import check_backward, check_layout
+
+__all__ = [
+    "check_backward",
+    "check_choice",
+    "check_layout",
+    "check_padding_string",
+    "check_positive_int",
+    "spatial_ndim",
+]
 
 
 def check_positive_int(name: str, value) -> int:
@@ -13,22 +23,6 @@ def check_positive_int(name: str, value) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def check_backward(backward) -> str:
-    return check_choice("backward", backward, ops.BACKWARDS)
-
-
-def check_layout(layout) -> str:
-    if not isinstance(layout, str) or layout.upper() not in ("NHWC", "NCHW"):
-        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-    return layout.upper()
 
 
 def spatial_ndim(name: str, size, ndim) -> int:

@@ -1,10 +1,12 @@
 """Pure functions: convolution and pooling with hand-derived backward passes.
 
-Imports jax and numpy only; usable on its own.
+Imports jax and numpy only; usable on its own. Its modules form one chain, each using only those before it:
+checks -> geometry -> windows -> textbook -> fast_backward -> plan -> conv; pool, reference and receptive_field
+beside conv.
 """
 
-from convlib.ops.conv import BACKWARDS, conv, conv_transpose, convolve
-from convlib.ops.geometry import Geometry, make_geometry
+from convlib.ops.conv import conv, conv_transpose, convolve
+from convlib.ops.geometry import BACKWARDS, Geometry, LayoutAxes, layout_axes, make_geometry
 from convlib.ops.pool import avg_pool, max_pool
 from convlib.ops.receptive_field import ReceptiveField, receptive_field, receptive_fields
 from convlib.ops.reference import IMPLEMENTATIONS, conv_by, conv_im2col, conv_lax, conv_loops
@@ -13,6 +15,7 @@ __all__ = [
     "BACKWARDS",
     "IMPLEMENTATIONS",
     "Geometry",
+    "LayoutAxes",
     "ReceptiveField",
     "avg_pool",
     "conv",
@@ -22,6 +25,7 @@ __all__ = [
     "conv_loops",
     "conv_transpose",
     "convolve",
+    "layout_axes",
     "make_geometry",
     "max_pool",
     "receptive_field",

@@ -1,24 +1,144 @@
-"""One source of truth for convolution and pooling geometry.
+"""One source of truth for convolution and pooling geometry, and the checks every op shares at its boundary.
 
-User arguments (stride, padding, dilation, groups, layout, ...) are validated and
-normalised once, at the API boundary, into a frozen hashable :class:`Geometry`.
-The forward passes, the hand-derived backward passes, the reference
-implementations and the receptive-field arithmetic all read it; none of them
-re-derives padding on its own.
+User arguments (stride, padding, dilation, groups, layout, ...) are validated and normalised once, at the API
+boundary, into a frozen hashable :class:`Geometry`. The forward passes, the hand-derived backward passes, the
+reference implementations and the receptive-field arithmetic all read it; none of them re-derives padding, and
+none branches on the layout: every axis (batch, channel, spatial; the kernel's output, input and spatial axes)
+comes from the layout's `lax` dimension numbers, in :class:`LayoutAxes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
+import functools
 from collections.abc import Sequence
 
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from convlib.ops.checks import check_choice, is_int
 
 LAYOUTS = ("NHWC", "NCHW")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+BACKWARDS = ("custom", "textbook", "autodiff")
 
 Pairs = tuple[tuple[int, int], ...]
+
+
+# --------------------------------------------------------------------------- the shared boundary checks
+
+
+def check_layout(layout) -> str:
+    """`layout` upper-cased if it names one of :data:`LAYOUTS` (any case).
+
+    >>> check_layout("nchw")
+    'NCHW'
+    """
+    if not isinstance(layout, str) or layout.upper() not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout.upper()
+
+
+def check_backward(backward) -> str:
+    """`backward` if it is one of :data:`BACKWARDS`."""
+    return check_choice("backward", backward, BACKWARDS)
+
+
+def as_float_array(name: str, a):
+    """`a` as an array (JAX arrays and tracers pass through; lists become NumPy arrays) of a floating dtype."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        if a is None or isinstance(a, str | bytes | dict):
+            raise TypeError(f"{name} must be an array of floats, got {a!r}")
+        try:
+            a = np.asarray(a)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name} must be an array of floats, got {a!r}") from error
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {a.dtype}")
+    return a
+
+
+def promote(*arrays):
+    """The arrays (None passes) cast to their promoted dtype, as `jnp` arrays: the dtype rule of every op."""
+    dtype = jnp.result_type(*(a for a in arrays if a is not None))
+    return tuple(None if a is None else jnp.asarray(a, dtype) for a in arrays)
+
+
+# --------------------------------------------------------------------------- axes of a layout
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutAxes:
+    """Where each dimension sits in an array and in a kernel of one layout, read off its `lax` dimension numbers.
+
+    "NHWC": x (N, *S, C), kernel (*K, C_in / groups, C_out); "NCHW": x (N, C, *S), kernel (C_out, C_in / groups, *K).
+
+    >>> layout_axes("NHWC", 2).kernel_out, layout_axes("NCHW", 2).kernel_out
+    (3, 0)
+    """
+
+    dimension_numbers: lax.ConvDimensionNumbers
+
+    @property
+    def batch(self) -> int:
+        return self.dimension_numbers.lhs_spec[0]
+
+    @property
+    def channel(self) -> int:
+        return self.dimension_numbers.lhs_spec[1]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(self.dimension_numbers.lhs_spec[2:])
+
+    @property
+    def kernel_out(self) -> int:
+        return self.dimension_numbers.rhs_spec[0]
+
+    @property
+    def kernel_in(self) -> int:
+        return self.dimension_numbers.rhs_spec[1]
+
+    @property
+    def kernel_spatial(self) -> tuple[int, ...]:
+        return tuple(self.dimension_numbers.rhs_spec[2:])
+
+    def array_shape(self, batch: int, channels: int, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The shape of an input or output with these sizes."""
+        return _place(self.dimension_numbers.lhs_spec, (batch, channels, *spatial))
+
+    def kernel_shape(self, kernel: Sequence[int], in_per_group: int, out: int) -> tuple[int, ...]:
+        """The shape of a kernel with these sizes."""
+        return _place(self.dimension_numbers.rhs_spec, (out, in_per_group, *kernel))
+
+    def bias_shape(self, channels: int) -> tuple[int, ...]:
+        """A bias of `channels` entries shaped to broadcast against an output (its batch axis dropped)."""
+        return self.array_shape(1, channels, (1,) * len(self.spatial))[1:]
+
+
+def _place(spec: Sequence[int], sizes: Sequence[int]) -> tuple[int, ...]:
+    shape = [0] * len(spec)
+    for axis, size in zip(spec, sizes):
+        shape[axis] = size
+    return tuple(shape)
+
+
+@functools.cache
+def layout_axes(layout: str, ndim: int) -> LayoutAxes:
+    """The axes of `layout` ("NHWC" or "NCHW") for `ndim` spatial dims: the one place the layout is decoded."""
+    spatial = tuple(range(2, 2 + ndim))
+    if check_layout(layout) == "NHWC":
+        lhs = (0, ndim + 1) + tuple(range(1, ndim + 1))
+        rhs = (ndim + 1, ndim) + tuple(range(ndim))
+        return LayoutAxes(lax.ConvDimensionNumbers(lhs, rhs, lhs))
+    spec = (0, 1) + spatial
+    return LayoutAxes(lax.ConvDimensionNumbers(spec, spec, spec))
+
+
+def dilated_size(size: int, factor: int) -> int:
+    """Length of `size` samples spaced `factor` apart: `factor (size - 1) + 1` (0 for none)."""
+    return 0 if size == 0 else factor * (size - 1) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +175,22 @@ class Geometry:
         return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))
 
     @property
+    def axes(self) -> LayoutAxes:
+        """The axes of this layout (batch, channel, spatial; the kernel's out, in and spatial axes)."""
+        return layout_axes(self.layout, self.ndim)
+
+    @property
     def channel_axis(self) -> int:
-        return self.ndim + 1 if self.layout == "NHWC" else 1
+        return self.axes.channel
 
     @property
     def spatial_axes(self) -> tuple[int, ...]:
-        first = 1 if self.layout == "NHWC" else 2
-        return tuple(range(first, first + self.ndim))
+        return self.axes.spatial
 
     @property
     def dimension_numbers(self) -> lax.ConvDimensionNumbers:
         """`lax` dimension numbers of (input, kernel, output) for this layout."""
-        spatial = tuple(range(2, 2 + self.ndim))
-        if self.layout == "NHWC":
-            lhs = (0, self.ndim + 1) + tuple(range(1, self.ndim + 1))
-            rhs = (self.ndim + 1, self.ndim) + tuple(range(self.ndim))
-            return lax.ConvDimensionNumbers(lhs, rhs, lhs)
-        return lax.ConvDimensionNumbers((0, 1) + spatial, (0, 1) + spatial, (0, 1) + spatial)
+        return self.axes.dimension_numbers
 
     def spatial_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(shape[a] for a in self.spatial_axes)
@@ -89,28 +208,24 @@ class Geometry:
 
 def int_tuple(name: str, value, ndim: int, minimum: int = 1) -> tuple[int, ...]:
     """An int or a length-`ndim` sequence of ints, each >= `minimum`, as a tuple."""
-    values = (value,) * ndim if _is_int(value) else value
+    values = (value,) * ndim if is_int(value) else value
     if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != ndim:
         raise ValueError(f"{name} must be an int or a sequence of {ndim} ints, got {value!r}")
-    if not all(_is_int(v) for v in values):
+    if not all(is_int(v) for v in values):
         raise TypeError(f"{name} must contain ints, got {value!r}")
     if any(v < minimum for v in values):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return tuple(int(v) for v in values)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _explicit_padding(padding, ndim: int) -> Pairs:
     """int | (p, ...) | ((lo, hi), ...) -> ((lo, hi), ...)."""
-    if _is_int(padding):
+    if is_int(padding):
         return ((int(padding), int(padding)),) * ndim
     if isinstance(padding, Sequence) and len(padding) == ndim:
-        if all(_is_int(p) for p in padding):
+        if all(is_int(p) for p in padding):
             return tuple((int(p), int(p)) for p in padding)
-        if all(isinstance(p, Sequence) and len(p) == 2 and all(_is_int(q) for q in p) for p in padding):
+        if all(isinstance(p, Sequence) and len(p) == 2 and all(is_int(q) for q in p) for p in padding):
             return tuple((int(lo), int(hi)) for lo, hi in padding)
     raise ValueError(f"padding must be an int, {ndim} ints, {ndim} (lo, hi) pairs, 'SAME' or 'VALID'; got {padding!r}")
 
@@ -161,11 +276,9 @@ def make_geometry(
     """
     if ndim not in (1, 2, 3):
         raise ValueError(f"only 1, 2 or 3 spatial dimensions are supported, got {ndim}")
-    if not isinstance(layout, str) or layout.upper() not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    if not _is_int(groups):
+    layout = check_layout(layout)
+    check_choice("padding_mode", padding_mode, PADDING_MODES)
+    if not is_int(groups):
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups!r}")
@@ -185,7 +298,7 @@ def make_geometry(
     else:
         pads = _explicit_padding(padding, ndim)
 
-    geometry = Geometry(kernel, stride, pads, dilation, int(groups), layout.upper(), padding_mode)
+    geometry = Geometry(kernel, stride, pads, dilation, int(groups), layout, padding_mode)
     if in_spatial is not None:
         check_fits(geometry, in_spatial)
     return geometry
@@ -210,3 +323,52 @@ def check_fits(geometry: Geometry, in_spatial: Sequence[int]) -> None:
                 )
             if geometry.padding_mode == "replicate" and h == 0 and max(lo, hi) > 0:
                 raise ValueError(f"padding_mode='replicate' needs a non-empty input on spatial dim {axis}")
+
+
+# --------------------------------------------------------------------------- the boundary of conv
+
+
+def spatial_ndim(x) -> int:
+    """The number of spatial dims of an input `x` of rank 3, 4 or 5 (batch and channel axes besides)."""
+    if x.ndim not in (3, 4, 5):
+        raise ValueError(f"x must have rank 3, 4 or 5 (N, spatial..., C), got shape {x.shape}")
+    return x.ndim - 2
+
+
+def conv_geometry(
+    x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", layout="NHWC"
+) -> Geometry:
+    """Validates the arguments of :func:`convlib.ops.conv` (arrays or anything with `shape`) and returns their
+    :class:`Geometry`."""
+    layout = check_layout(layout)
+    ndim = spatial_ndim(x)
+    if w.ndim != x.ndim:
+        raise ValueError(f"w must have the same rank as x ({x.ndim}), got shape {w.shape}")
+    axes = layout_axes(layout, ndim)
+    kernel = tuple(w.shape[a] for a in axes.kernel_spatial)
+    w_in, c_out, c_in = w.shape[axes.kernel_in], w.shape[axes.kernel_out], x.shape[axes.channel]
+    if not is_int(groups):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(
+            f"groups={groups!r} must be >= 1 and divide both input channels ({c_in}) and output channels ({c_out})"
+        )
+    if w_in * groups != c_in:
+        raise ValueError(
+            f"x has {c_in} input channels but w of shape {w.shape} expects {w_in} x groups={groups} = {w_in * groups}"
+        )
+    if b is not None and tuple(b.shape) != (c_out,):
+        raise ValueError(f"b must have shape ({c_out},), got {tuple(b.shape)}")
+    if any(k == 0 for k in kernel):
+        raise ValueError(f"kernel size must be >= 1, got w of shape {w.shape}")
+    return make_geometry(
+        ndim,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        layout=layout,
+        padding_mode=padding_mode,
+        in_spatial=tuple(x.shape[a] for a in axes.spatial),
+    )

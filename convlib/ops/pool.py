@@ -12,6 +12,9 @@ stride = window, a repeat of each spatial dim), and crops the padding:
 Overlapping windows accumulate. Max-pool ties go to the first maximum in
 row-major window order (PyTorch's and XLA's rule). A window holding NaN
 outputs NaN (as in PyTorch) and its gradient goes to the first NaN.
+
+Pooling has one hand-derived backward, so `backward="custom"` and `backward="textbook"` both name it (a model
+built with either runs the same pools); "autodiff" differentiates the `lax.reduce_window` forward instead.
 """
 
 from __future__ import annotations
@@ -23,21 +26,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
-from convlib.ops.conv import BACKWARDS, _as_array
-from convlib.ops.geometry import Geometry, ceil_mode_padding, make_geometry
+from convlib.ops.checks import check_bool
+from convlib.ops.geometry import (
+    Geometry,
+    as_float_array,
+    ceil_mode_padding,
+    check_backward,
+    check_layout,
+    layout_axes,
+    make_geometry,
+    spatial_ndim,
+)
 from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
 
 def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC") -> Geometry:
     """Validates pooling arguments; returns the :class:`Geometry` (ceil mode folded into the padding)."""
-    if not isinstance(layout, str) or layout.upper() not in ("NHWC", "NCHW"):
-        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-    if x.ndim not in (3, 4, 5):
-        raise ValueError(f"x must have rank 3, 4 or 5 (N, spatial..., C), got shape {x.shape}")
-    ndim, layout = x.ndim - 2, layout.upper()
-    in_spatial = x.shape[1:-1] if layout == "NHWC" else x.shape[2:]
+    layout, ndim = check_layout(layout), spatial_ndim(x)
+    ceil_mode = check_bool("ceil_mode", ceil_mode)
+    in_spatial = tuple(x.shape[a] for a in layout_axes(layout, ndim).spatial)
     geometry = make_geometry(
         ndim,
         window,
@@ -89,6 +99,13 @@ def _custom_max_pool_bwd(geometry, residuals, g):
     dx = jnp.zeros_like(x)
     if y.size == 0:
         return (dx,)
+    with jax.named_scope("convlib.max_pool.dX"):
+        return (sum_to_primal_axes(_first_maximum_gradient(x, y, g, geometry), x),)
+
+
+def _first_maximum_gradient(x, y, g, geometry: Geometry):
+    """dE/dX[s i + k] += G[i] at the first offset k (row-major) where the window's value is Y[i] (or both NaN)."""
+    dx = jnp.zeros_like(x)
     x_padded = pad_spatial(x, geometry, -jnp.inf)
     taken = jnp.zeros(y.shape, bool)
     y_is_nan = jnp.isnan(y)
@@ -97,29 +114,34 @@ def _custom_max_pool_bwd(geometry, residuals, g):
         hit = ((view == y) | (jnp.isnan(view) & y_is_nan)) & ~taken
         taken = taken | hit
         dx = dx + scatter_back(jnp.where(hit, g, 0), offset, geometry, geometry.spatial_shape(x.shape))
-    return (sum_to_primal_axes(dx, x),)
+    return dx
 
 
 _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
 
 
-def max_pool(x, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC", backward="custom"):
+def max_pool(
+    x: ArrayLike, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC", backward="custom"
+) -> jax.Array:
     """Max pooling over 1, 2 or 3 spatial dims; padding counts as -inf.
 
     Args:
       x: (N, *spatial, C) for "NHWC" or (N, C, *spatial) for "NCHW".
       window: int or one int per spatial dim. stride: defaults to window.
       padding: int, per-dim ints or (lo, hi) pairs, each at most half the window, or "SAME"/"VALID".
-      ceil_mode: use `ceil` instead of `floor` for the output size (PyTorch's rule).
-      backward: "custom"/"textbook" (hand-derived) or "autodiff".
+      ceil_mode: use `ceil` instead of `floor` for the output size (PyTorch's rule); a bool.
+      layout: "NHWC" or "NCHW".
+      backward: "custom" or "textbook" (both the hand-derived backward) or "autodiff".
     Returns:
       (N, *out_spatial, C) or (N, C, *out_spatial).
+
+    >>> import jax.numpy as jnp
+    >>> max_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
     """
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    x = _as_array("x", x)
+    backward, x = check_backward(backward), jnp.asarray(as_float_array("x", x))
     geometry = pool_geometry(x, window, stride, padding, ceil_mode=ceil_mode, layout=layout)
-    x = jnp.asarray(x)
     if backward == "autodiff":
         return _max_forward(x, geometry)
     return _custom_max_pool(x, geometry)
@@ -170,10 +192,11 @@ def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape,
     share = g / jnp.asarray(divisor.reshape(full_rank(geometry, divisor.shape, 1)), g.dtype)
     if g.size == 0:
         return (jnp.zeros(x_shape, g.dtype),)
-    if geometry.stride == geometry.kernel:
-        dx = _spread_over_tiles(share, geometry, in_spatial)
-    else:
-        dx = sum(scatter_back(share, offset, geometry, in_spatial) for offset in window_offsets(geometry))
+    with jax.named_scope("convlib.avg_pool.dX"):
+        if geometry.stride == geometry.kernel:
+            dx = _spread_over_tiles(share, geometry, in_spatial)
+        else:
+            dx = sum(scatter_back(share, offset, geometry, in_spatial) for offset in window_offsets(geometry))
     return (sum_to_primal_axes(dx, x_type),)
 
 
@@ -194,7 +217,7 @@ _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
 
 
 def avg_pool(
-    x,
+    x: ArrayLike,
     window,
     stride=None,
     padding=0,
@@ -203,25 +226,23 @@ def avg_pool(
     ceil_mode=False,
     layout="NHWC",
     backward="custom",
-):
+) -> jax.Array:
     """Average pooling over 1, 2 or 3 spatial dims (PyTorch's `avg_pool{1,2,3}d` semantics).
 
-    Args:
-      x: (N, *spatial, C) for "NHWC" or (N, C, *spatial) for "NCHW".
-      window: int or one int per spatial dim. stride: defaults to window.
-      padding: int, per-dim ints or (lo, hi) pairs, each at most half the window, or "SAME"/"VALID".
-      count_include_pad: whether zero padding counts in the divisor.
-      ceil_mode: use `ceil` instead of `floor` for the output size.
-      backward: "custom"/"textbook" (hand-derived) or "autodiff".
+    Args: as :func:`max_pool`, and
+      count_include_pad: whether zero padding counts in the divisor (a bool; the ceil-mode overhang never does).
     Returns:
       (N, *out_spatial, C) or (N, C, *out_spatial).
+
+    >>> import jax.numpy as jnp
+    >>> avg_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, :, :, 0]
+    Array([[ 2.5,  4.5],
+           [10.5, 12.5]], dtype=float32)
     """
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    x = _as_array("x", x)
+    backward, x = check_backward(backward), jnp.asarray(as_float_array("x", x))
+    count_include_pad = check_bool("count_include_pad", count_include_pad)
     explicit = pool_geometry(x, window, stride, padding, layout=layout).padding
     geometry = pool_geometry(x, window, stride, padding, ceil_mode=ceil_mode, layout=layout)
-    x, count_include_pad = jnp.asarray(x), bool(count_include_pad)
     if backward == "autodiff":
         return _avg_forward(x, geometry, explicit, count_include_pad)
     return _custom_avg_pool(x, geometry, explicit, count_include_pad, tuple(x.shape))

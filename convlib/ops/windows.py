@@ -1,12 +1,13 @@
-"""Sliding windows as strided views: the building block of pooling and im2col.
+"""Sliding windows as strided views: the building block of pooling, im2col and the tap-by-tap formulations.
 
-A window offset `k` (one int per spatial dim) meets input position
-`s i + d k` of the padded input for output `i`; `window_views` gathers those
-positions for every output at once, and `scatter_back` is its adjoint.
+A window offset `k` (one int per spatial dim) meets input position `s i + d k` of the padded input for output
+`i`; `window_view` gathers those positions for every output at once, and `scatter_back` is its adjoint. The
+padding itself: `pad_spatial` (a constant, negative pads crop) and `pad_input` (PyTorch's padding modes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -27,6 +28,21 @@ def pad_spatial(x, geometry: Geometry, value=0.0):
     """x padded by `geometry.padding` with `value` (negative pads crop)."""
     config = full_rank(geometry, [(lo, hi, 0) for lo, hi in geometry.padding], (0, 0, 0))
     return lax.pad(x, jnp.asarray(value, x.dtype), config)
+
+
+_NUMPY_PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def pad_input(x, geometry: Geometry):
+    """Applies a non-zero padding mode explicitly; returns `(x_padded, geometry_with_zero_padding)`.
+
+    Zero padding stays inside the convolution (it is free there); "reflect", "replicate" and "circular" fill the
+    border with `jnp.pad` first, as PyTorch does.
+    """
+    if geometry.padding_mode == "zeros":
+        return x, geometry
+    x = jnp.pad(x, full_rank(geometry, geometry.padding, (0, 0)), mode=_NUMPY_PAD_MODE[geometry.padding_mode])
+    return x, dataclasses.replace(geometry, padding=((0, 0),) * geometry.ndim, padding_mode="zeros")
 
 
 def window_offsets(geometry: Geometry):

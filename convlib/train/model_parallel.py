@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convlib import nn
+from convlib import nn, ops
 
 AXIS = "model"
 
@@ -24,7 +24,7 @@ AXIS = "model"
 def _output_axis(module) -> int | None:
     """Which kernel axis holds the output channels/units, for the layers we split."""
     if isinstance(module, nn.Conv):
-        return module.kernel.ndim - 1 if module.layout == "NHWC" else 0
+        return ops.layout_axes(module.layout, module.ndim).kernel_out
     if isinstance(module, nnx.Linear):
         return 1
     return None

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convlib import ops
-from convlib.ops import fast_backward
-from convlib.ops.conv import conv_geometry
+from convlib.ops.geometry import conv_geometry
+from convlib.ops.plan import plan
 from experiments.benchmarks.machine import gemm_call, gflops, torch_device, torch_module
 from experiments.timing import interleaved_times
 
@@ -230,14 +230,14 @@ def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm, with_torch:
     times = interleaved_times(calls, repeats)
     flop = case.flops()
     x, w, _ = case.arrays(layout, key)
-    plan = fast_backward.plan(conv_geometry(x, w, **case.options(layout)), x.shape, w.shape)
+    planned = plan(conv_geometry(x, w, **case.options(layout)), x.shape, w.shape, jax.default_backend())
     gemm_gflops = gflops(gemm[2], times.pop("gemm")["ms"])
     row = {
         "layer": case.name,
         "layout": layout,
         "shape": case.describe(),
         "gflop": flop / 1e9,
-        "custom plan": str(plan),
+        "custom plan": str(planned),
         "gemm GFLOP/s": gemm_gflops,
     }
     for name, t in times.items():

@@ -1,0 +1,170 @@
+"""Which formulation `backward="custom"` runs for one conv: the measured policy, per platform.
+
+A :class:`Plan` is either :class:`Formulas` (one dE/dX and one dE/dW formulation) or :class:`Lowered` (a
+:class:`~convlib.ops.fast_backward.Lowering` whose smaller convs follow an inner plan). :func:`plan` builds it
+from static shapes and an explicit platform; :func:`planned_gradients` runs the CPU plan on a CPU and the
+textbook elsewhere, chosen by `lax.platform_dependent` where the program is lowered (so `jax.default_device`,
+export, or a jit pinned to another device get the right one). To add a formulation: write it in
+:mod:`convlib.ops.fast_backward`, name it here as a :class:`Formulation`, and add the measured rule to :func:`plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+from jax import lax
+
+from convlib.ops import fast_backward, textbook
+from convlib.ops.geometry import Geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Formulation:
+    """One way to compute dE/dX (`fn(g, w, geometry, in_spatial)`) or dE/dW (`fn(x, g, geometry, kernel_shape)`).
+
+    name: its name in a plan and in profiles (`convlib.conv.dX.<name>`); detail: a parameter, shown in the plan.
+    """
+
+    name: str
+    fn: Callable
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.detail}"
+
+
+DX_TEXTBOOK = Formulation("textbook", textbook.input_gradient)
+DX_PHASES = Formulation("phases", fast_backward.input_gradient_by_phases)
+DX_TAPS = Formulation("taps", fast_backward.depthwise_input_gradient)
+DW_TEXTBOOK = Formulation("textbook", textbook.weight_gradient)
+DW_TAPS = Formulation("taps", fast_backward.depthwise_weight_gradient)
+
+
+def dw_chunks(chunk: int) -> Formulation:
+    """dE/dW in batch chunks of `chunk` images."""
+    return Formulation(
+        "chunks", functools.partial(fast_backward.weight_gradient_by_chunks, chunk=chunk), f" of {chunk}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Formulas:
+    """dE/dX and dE/dW, each by one formulation."""
+
+    input_gradient: Formulation = DX_TEXTBOOK
+    weight_gradient: Formulation = DW_TEXTBOOK
+
+    def __call__(self, geometry: Geometry, x, w, g):
+        with jax.named_scope(f"convlib.conv.dX.{self.input_gradient.name}"):
+            dx = self.input_gradient.fn(g, w, geometry, geometry.spatial_shape(x.shape))
+        with jax.named_scope(f"convlib.conv.dW.{self.weight_gradient.name}"):
+            dw = self.weight_gradient.fn(x, g, geometry, w.shape)
+        return dx, dw
+
+    def __str__(self) -> str:
+        return f"dX {self.input_gradient}, dW {self.weight_gradient}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    """A lowering whose smaller convs each follow the plan `inner`."""
+
+    lowering: fast_backward.Lowering
+    inner: Plan
+
+    def __call__(self, geometry: Geometry, x, w, g):
+        with jax.named_scope(f"convlib.conv.{self.lowering.name.replace(' ', '_')}"):
+            return self.lowering(geometry, x, w, g, self.inner)
+
+    def __str__(self) -> str:
+        return f"{self.lowering.name}: {self.inner}"
+
+
+Plan = Formulas | Lowered
+TEXTBOOK = Formulas()
+
+CHUNK = 8  # fewest images per weight-gradient chunk
+CHUNK_PIXELS = 1024  # output pixels a weight-gradient chunk aims at (small maps take more images)
+MAX_PLANNED_GROUPS = 4  # more groups: textbook per group, a bounded op count
+
+
+def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
+    """The formulations `backward="custom"` uses for these static shapes on `platform` (a JAX platform name:
+    "cpu", "cuda", "rocm", "tpu", or "default" for any but the CPU).
+
+    Rules measured on XLA:CPU (experiments/benchmarks, JAX 0.10), which runs a 2-D conv with more than 16 channels
+    on either side in its fast conv library (YNNPACK) and every other conv in a slower generic one:
+    - depthwise (groups = C_in = C_out): dX and dW tap by tap, elementwise (XLA:CPU's depthwise convs run at
+      ~1 GFLOP/s; with a channel multiplier, one conv per group measured faster);
+    - 3-D: one 2-D conv per depth tap, depth folded into the batch;
+    - other groups: one conv per group, since grouped convs never reach that library (each planned as below for
+      up to `MAX_PLANNED_GROUPS` groups, else textbook);
+    - dX: by phases when strided (no zero insertion), else textbook;
+    - dW: in batch chunks when there are at least two (1-D or 2-D): each chunk's operands stay in cache and the
+      chunks run concurrently; else textbook. A chunk holds `CHUNK` images, or on maps of fewer than
+      `CHUNK_PIXELS / CHUNK` output pixels the power of two nearest below `CHUNK_PIXELS` pixels (VGG's 4x4
+      512-channel dW: 8 images 63 GFLOP/s, 64 images 164, textbook 124).
+    Other platforms run the textbook formulation, which their conv libraries take natively.
+
+    >>> from convlib.ops.geometry import make_geometry
+    >>> str(plan(make_geometry(2, 3, stride=2), (32, 8, 8, 16), (3, 3, 16, 32), "cpu"))
+    'dX phases, dW chunks of 8'
+    """
+    if not isinstance(platform, str):
+        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
+    if platform != "cpu":
+        return TEXTBOOK
+    axes, groups = geometry.axes, geometry.groups
+    c_in, c_out = x_shape[axes.channel], w_shape[axes.kernel_out]
+    if 1 < groups == c_in == c_out:
+        return Formulas(DX_TAPS, DW_TAPS)
+    if geometry.ndim == 3:
+        return _lowered(fast_backward.DEPTH_TAPS, geometry, x_shape, w_shape)
+    if groups > 1:
+        if groups > MAX_PLANNED_GROUPS:
+            return Lowered(fast_backward.PER_GROUP, TEXTBOOK)
+        return _lowered(fast_backward.PER_GROUP, geometry, x_shape, w_shape)
+    dx = DX_PHASES if any(s > 1 for s in geometry.stride) else DX_TEXTBOOK
+    out_pixels = math.prod(geometry.output_spatial(geometry.spatial_shape(x_shape)))
+    chunk = _weight_gradient_chunk(x_shape[axes.batch], out_pixels)
+    return Formulas(dx, dw_chunks(chunk) if chunk else DW_TEXTBOOK)
+
+
+def _lowered(lowering: fast_backward.Lowering, geometry: Geometry, x_shape, w_shape) -> Lowered:
+    """`lowering` with the inner plan of its first smaller conv, whose shapes come from the lowering's own split
+    (traced abstractly: no shape arithmetic is repeated here)."""
+    g_shape = geometry.axes.array_shape(
+        x_shape[geometry.axes.batch],
+        w_shape[geometry.axes.kernel_out],
+        geometry.output_spatial(geometry.spatial_shape(x_shape)),
+    )
+    shapes = (jax.ShapeDtypeStruct(s, "float32") for s in (x_shape, w_shape, g_shape))
+    x_i, w_i, _ = jax.eval_shape(functools.partial(lowering.split, geometry), *shapes)[0]
+    return Lowered(lowering, plan(lowering.sub_geometry(geometry), x_i.shape, w_i.shape, "cpu"))
+
+
+def _weight_gradient_chunk(batch: int, out_pixels: int) -> int:
+    """Images per dW chunk, or 0 when fewer than two chunks of `CHUNK` images fit in the batch."""
+    per_pixels = _power_of_two_below(CHUNK_PIXELS // max(out_pixels, 1))
+    chunk = min(max(CHUNK, per_pixels), _power_of_two_below(batch // 2))
+    return chunk if chunk >= CHUNK else 0
+
+
+def _power_of_two_below(n: int) -> int:
+    """The largest power of two <= n (0 for n < 1)."""
+    return 1 << (n.bit_length() - 1) if n >= 1 else 0
+
+
+def planned_gradients(geometry: Geometry, x, w, g):
+    """(dE/dX, dE/dW) of `backward="custom"`: the CPU plan on a CPU, the textbook on other platforms."""
+    on_cpu = plan(geometry, x.shape, w.shape, "cpu")
+    elsewhere = plan(geometry, x.shape, w.shape, "default")
+    if on_cpu == elsewhere:
+        return on_cpu(geometry, x, w, g)
+    return lax.platform_dependent(
+        x, w, g, cpu=functools.partial(on_cpu, geometry), default=functools.partial(elsewhere, geometry)
+    )
