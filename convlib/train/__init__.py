@@ -3,7 +3,16 @@ data parallelism (pmap / NamedSharding / shard_map), metrics logs and plots. Tak
 
 from convlib.train.atomic_files import read_jsonl, write_json, write_jsonl
 from convlib.train.checkpoints import Checkpoints
-from convlib.train.loop import EpochBatches, FitResult, NonFiniteLossError, evaluate, fit
+from convlib.train.loop import (
+    Checkpointer,
+    EpochBatches,
+    FitResult,
+    MetricsLog,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    evaluate,
+    fit,
+)
 from convlib.train.losses import CROSS_ENTROPY, Loss, make_loss, rbf, rbf_loss, softmax_cross_entropy
 from convlib.train.model_parallel import shard_output_channels
 from convlib.train.optimizers import OPTIMIZERS, SCHEDULES, decay_kernels_only, make_optimizer, make_schedule
@@ -17,13 +26,16 @@ __all__ = [
     "OPTIMIZERS",
     "PARALLEL_MODES",
     "SCHEDULES",
+    "Checkpointer",
     "Checkpoints",
     "DataParallel",
     "EpochBatches",
     "FitResult",
     "Loss",
+    "MetricsLog",
     "NonFiniteLossError",
     "TrainState",
+    "TrainingInterrupted",
     "create_train_state",
     "data_parallel",
     "decay_kernels_only",

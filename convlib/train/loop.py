@@ -5,6 +5,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -13,6 +14,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from convlib.ops.checks import check_int
 from convlib.train.atomic_files import read_jsonl, write_jsonl
 from convlib.train.checkpoints import Checkpoints
 from convlib.train.losses import CROSS_ENTROPY, Loss
@@ -85,17 +87,147 @@ def evaluate(parallel: DataParallel, placed_state: TrainState, batches: Iterable
     }
 
 
-def _epoch_record(step_records: list[dict], step: int, epoch: int, timed: Sequence[dict]) -> dict:
-    images = sum(r["batch_size"] for r in timed)
+def _mean(records: Sequence[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)
+
+
+def _throughput(timed: Sequence[dict]) -> float | None:
+    """Images per second over the timed step records (None without any)."""
     seconds = sum(r["time_s"] for r in timed)
-    return {
-        "kind": "epoch",
-        "step": step,
-        "epoch": epoch,
-        "train_loss": sum(r["loss"] for r in step_records) / len(step_records),
-        "train_accuracy": sum(r["accuracy"] for r in step_records) / len(step_records),
-        "images_per_s": images / seconds if seconds else None,
-    }
+    return sum(r["batch_size"] for r in timed) / seconds if seconds else None
+
+
+class MetricsLog:
+    """The metrics records of a run (see :func:`fit`), kept in memory and mirrored atomically to a JSON-lines file
+    by process 0. On resume it starts from the file's records up to the restored step, so the log equals an
+    uninterrupted run's, timings aside."""
+
+    def __init__(self, path: str | os.PathLike | None, *, resumed_at: int = 0):
+        self.path = path
+        self.records = [r for r in read_jsonl(path) if r["step"] <= resumed_at] if path and resumed_at else []
+        self._first_step = resumed_at  # this process's first step compiles: never timed
+        self._timed: list[dict] = []
+
+    def step(self, step: int, epoch: int, metrics: dict, batch_size: int, seconds: float) -> dict:
+        """Appends the record of update number `step` (1-based)."""
+        record = {"kind": "step", "step": step, "epoch": epoch, **metrics, "batch_size": batch_size}
+        record.update(time_s=seconds, images_per_s=batch_size / seconds)
+        self.records.append(record)
+        if step > self._first_step + 1:
+            self._timed.append(record)
+        return record
+
+    def steps(self, *, epoch: int | None = None, after: int = 0) -> list[dict]:
+        """The step records (of `epoch`, or after step `after`)."""
+        return [
+            r
+            for r in self.records
+            if r["kind"] == "step" and r["step"] > after and (epoch is None or r["epoch"] == epoch)
+        ]
+
+    def epoch(self, epoch: int, step: int, evaluation: dict | None) -> dict:
+        """Appends the summary of `epoch` (ended at `step`), with the test metrics of an evaluation there."""
+        steps = self.steps(epoch=epoch)
+        record = {
+            "kind": "epoch",
+            "step": step,
+            "epoch": epoch,
+            "train_loss": _mean(steps, "loss"),
+            "train_accuracy": _mean(steps, "accuracy"),
+            "images_per_s": _throughput([r for r in self._timed if r["epoch"] == epoch]),
+        }
+        if evaluation is not None:
+            record.update(test_loss=evaluation["loss"], test_accuracy=evaluation["accuracy"])
+        self.records.append(record)
+        return record
+
+    def evaluation(self, step: int, epoch: int, evaluation: dict) -> dict:
+        """Appends an evaluation at `step` with the training means over the steps since the previous one."""
+        previous = max((r["step"] for r in self.records if r["kind"] == "eval"), default=0)
+        steps = self.steps(after=previous)
+        record = {"kind": "eval", "step": step, "epoch": epoch}
+        record.update(train_loss=_mean(steps, "loss"), train_accuracy=_mean(steps, "accuracy"))
+        record.update(test_loss=evaluation["loss"], test_accuracy=evaluation["accuracy"])
+        self.records.append(record)
+        return record
+
+    def images_per_s(self) -> float:
+        """Training throughput of this call (global batches), its first (compiling) step excluded."""
+        rate = _throughput(self._timed)
+        return math.nan if rate is None else rate
+
+    def write(self) -> None:
+        if self.path is not None and jax.process_index() == 0:
+            write_jsonl(self.path, self.records)
+
+
+class Checkpointer:
+    """Orbax checkpoints of a run: restores on resume, saves every `every` steps (0: only when asked), never a
+    state with non-finite parameters."""
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, steps_per_epoch: int):
+        self.directory, self.every, self.steps_per_epoch = os.fspath(directory), every, steps_per_epoch
+        self._checkpoints = Checkpoints(directory)
+        self.last_saved = self._checkpoints.latest_step()
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def restore(self, state: TrainState, resume: bool | str) -> TrainState:
+        """The newest checkpoint's state when resuming (else `state`); refuses a folder that already holds one
+        unless `resume`, and an empty one when `resume == "require"`."""
+        if self.last_saved is None:
+            if resume == "require":
+                raise FileNotFoundError(f"resume='require' but checkpoint_dir {self.directory!r} holds no checkpoint")
+            if resume:
+                warnings.warn(f"no checkpoint in {self.directory!r} to resume: training starts at step 0", stacklevel=3)
+            return state
+        if not resume:
+            raise ValueError(
+                f"checkpoint_dir {self.directory!r} already holds a checkpoint (step {self.last_saved}); "
+                "pass resume=True to continue it, or choose an empty folder"
+            )
+        state, meta = self._checkpoints.restore(state)
+        if meta["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(
+                f"steps_per_epoch={self.steps_per_epoch} differs from the checkpoint's {meta['steps_per_epoch']}"
+            )
+        return state
+
+    def save(self, state: TrainState) -> None:
+        """Saves `state` (on the host) under its step, with where the data stands; refuses non-finite parameters."""
+        step = int(state.step)
+        if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(state.params)):
+            raise NonFiniteLossError(step, "parameters", self.last_saved)
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "steps_per_epoch": self.steps_per_epoch}
+        self._checkpoints.save(state, meta)
+        self.last_saved = step
+
+    def close(self) -> None:
+        self._checkpoints.close()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit`; `checkpoint` is the step a `resume` continues from (None: from scratch)."""
+
+    def __init__(self, step: int, checkpoint: int | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = "nothing to resume" if checkpoint is None else f"resume continues from step {checkpoint}"
+        super().__init__(f"interrupted at step {step}; {where}")
+
+
+def _batches(epoch_batches: EpochBatches, start: int, total: int, steps_per_epoch: int):
+    """(epoch, batch) for updates start + 1 .. total: the epochs' batches, skipping those done before `start`."""
+    for epoch in range(start // steps_per_epoch, -(-total // steps_per_epoch)):
+        first, end = epoch * steps_per_epoch, min(total, (epoch + 1) * steps_per_epoch)
+        skip = max(start - first, 0)
+        count = 0
+        for batch in itertools.islice(epoch_batches(epoch), skip, end - first):
+            count += 1
+            yield epoch, batch
+        if first + skip + count != end:
+            raise ValueError(f"epoch_batches({epoch}) yielded fewer batches than steps_per_epoch={steps_per_epoch}")
 
 
 def fit(
@@ -112,11 +244,12 @@ def fit(
     preprocess: Preprocess | None = None,
     augment: Augment | None = None,
     eval_batches: Callable[[], Iterable[dict]] | None = None,
+    eval_every: int | None = None,
     parallel: str = "none",
     devices: Sequence[jax.Device] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
-    resume: bool = False,
+    resume: bool | str = False,
     metrics_path: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> FitResult:
@@ -132,33 +265,31 @@ def fit(
       learning_rate: the schedule given to ``tx``, to log it (optional).
       preprocess: ``images -> images`` on device, in the train and eval steps (e.g. uint8 -> normalised float).
       augment: ``(key, images) -> images`` on device, in the train step only.
-      eval_batches: ``() -> iterable of batches``, evaluated after every epoch (a ragged last batch is fine).
+      eval_batches: ``() -> iterable of batches`` (a ragged last batch is fine), evaluated at the end of every
+        epoch (into the epoch record), or with ``eval_every`` every that many steps and at the last step (into
+        ``"eval"`` records).
       parallel: ``"none" | "pmap" | "sharding" | "shard_map"`` over ``devices`` (default all); see
         ``convlib.train.parallel``.
-      checkpoint_dir: Orbax checkpoints, every ``checkpoint_every`` steps (0: none on the way) and at the end.
-        A folder that already holds one raises ``ValueError`` unless ``resume``: then the run continues from the
-        newest and reaches the same final state as an uninterrupted run.
-      metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end and checkpoint; every
-        process reads it back on resume. Step records:
-        ``{"kind": "step", "step", "epoch", "loss", "accuracy", "grad_norm", "learning_rate", "batch_size",
-        "time_s", "images_per_s"}`` (``batch_size``: the global batch; time includes fetching the batch; a
-        process's first step includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch",
-        "train_loss", "train_accuracy", "images_per_s", "test_loss", "test_accuracy"}``. On resume the records up
-        to the checkpoint are read back, so the log equals an uninterrupted run's, timings aside.
-      progress: show a tqdm progress bar and a line per epoch.
+      checkpoint_dir: Orbax checkpoints, every ``checkpoint_every`` steps (0: none on the way), at the end, and at
+        a Ctrl-C. A folder that already holds one raises ``ValueError`` unless ``resume``: then the run continues
+        from the newest and reaches the same final state as an uninterrupted run. ``resume=True`` with no
+        checkpoint warns and starts at step 0; ``resume="require"`` raises ``FileNotFoundError`` instead.
+      metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end, evaluation and
+        checkpoint; every process reads it back on resume. Step records: ``{"kind": "step", "step", "epoch",
+        "loss", "accuracy", "grad_norm", "learning_rate", "batch_size", "time_s", "images_per_s", "timed"}``
+        (``batch_size``: the global batch; time includes fetching the batch; ``timed`` is false for a process's
+        first step, which includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch",
+        "train_loss", "train_accuracy", "images_per_s", "test_loss", "test_accuracy"}``; evaluation records
+        (``eval_every``): ``{"kind": "eval", "step", "epoch", "train_loss", "train_accuracy", "test_loss",
+        "test_accuracy"}`` with the training means over the steps since the previous evaluation.
+      progress: show a tqdm progress bar and a line per evaluation.
 
     Raises:
       NonFiniteLossError: the loss or gradient norm became NaN/inf (nothing is saved after the last good step).
+      TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``), after saving a checkpoint when there is a folder.
       ValueError: bad arguments, too few batches in an epoch, or a checkpoint that does not fit.
     """
-    for name, value, low in (
-        ("steps_per_epoch", steps_per_epoch, 1),
-        ("epochs", epochs, 1),
-        ("checkpoint_every", checkpoint_every, 0),
-        ("max_steps", epochs * steps_per_epoch if max_steps is None else max_steps, 1),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    total = _checked_total(steps_per_epoch, epochs, max_steps, checkpoint_every, eval_every)
     started = time.perf_counter()
     graphdef, state = create_train_state(model, tx, key)
     parallel = data_parallel(
@@ -169,109 +300,76 @@ def fit(
         lambda axis: make_eval_step(graphdef, loss, preprocess=preprocess, axis_name=axis),
         devices=devices,
     )
-    checkpoints = None if checkpoint_dir is None else Checkpoints(checkpoint_dir)
-    last_saved = None if checkpoints is None else checkpoints.latest_step()
-    if last_saved is not None:
-        if not resume:
-            raise ValueError(
-                f"checkpoint_dir {os.fspath(checkpoint_dir)!r} already holds a checkpoint (step {last_saved}); "
-                "pass resume=True to continue it, or choose an empty folder"
-            )
-        state, meta = checkpoints.restore(state)
-        if meta["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(
-                f"steps_per_epoch={steps_per_epoch} differs from the checkpoint's {meta['steps_per_epoch']}"
-            )
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(checkpoint_dir, every=checkpoint_every, steps_per_epoch=steps_per_epoch)
+        state = checkpointer.restore(state, resume)
     step = int(state.step)
-    records = [r for r in read_jsonl(metrics_path) if r["step"] <= step] if metrics_path and step else []
-
+    log = MetricsLog(metrics_path, resumed_at=step)
     placed = parallel.put_state(state)
-    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-
-    def write_log():
-        if metrics_path is not None and jax.process_index() == 0:
-            write_jsonl(metrics_path, records)
-
-    def save():
-        nonlocal last_saved
-        state = parallel.get_state(placed)
-        if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(state.params)):
-            raise NonFiniteLossError(step, "parameters", last_saved)
-        epoch, batch = divmod(step, steps_per_epoch)
-        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "steps_per_epoch": steps_per_epoch}
-        checkpoints.save(state, meta)
-        last_saved = step
-        write_log()
-
-    def due() -> bool:
-        return checkpoints is not None and checkpoint_every > 0 and step % checkpoint_every == 0
-
-    first_step = step
-    timed = []  # step records of this process after its first (compiling) step
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        for epoch in range(step // steps_per_epoch, -(-total // steps_per_epoch)) if step < total else ():
-            end = min(total, (epoch + 1) * steps_per_epoch)
-            first = epoch * steps_per_epoch
-            batches = itertools.islice(epoch_batches(epoch), step - first, end - first)
-            tick = time.perf_counter()
-            for batch in batches:
-                batch = parallel.put_batch(batch)
-                placed, metrics = parallel.train_step(placed, batch)
-                metrics = parallel.host_metrics(metrics)
-                now = time.perf_counter()
-                size = int(batch["label"].size)  # the global batch, also when split across devices or processes
-                record = {
-                    "kind": "step",
-                    "step": step + 1,
-                    "epoch": epoch,
-                    **metrics,
-                    "batch_size": size,
-                    "time_s": now - tick,
-                    "images_per_s": size / (now - tick),
-                }
-                records.append(record)
-                if step > first_step:
-                    timed.append(record)
-                tick = now
-                step += 1
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    raise NonFiniteLossError(
-                        step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last_saved
-                    )
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    acc=f"{metrics['accuracy']:.3f}",
-                    lr=f"{metrics['learning_rate']:.3g}",
-                    refresh=False,
-                )
-                if step != end and due():
-                    save()
-            if step != end:
-                raise ValueError(f"epoch_batches({epoch}) yielded fewer batches than steps_per_epoch={steps_per_epoch}")
-            epoch_steps = [r for r in records if r["kind"] == "step" and r["epoch"] == epoch]
-            summary = _epoch_record(epoch_steps, step, epoch, [r for r in timed if r["epoch"] == epoch])
-            if eval_batches is not None:
-                result = evaluate(parallel, placed, eval_batches())
-                summary.update(test_loss=result["loss"], test_accuracy=result["accuracy"])
-                if progress:
-                    bar.write(
-                        f"epoch {epoch + 1}: train loss {summary['train_loss']:.4f}, "
-                        f"test accuracy {result['accuracy']:.4f}"
-                    )
-            records.append(summary)
-            if checkpoints is not None and (due() or step == total):
-                save()
-            else:
-                write_log()
+        tick = time.perf_counter()
+        for epoch, batch in _batches(epoch_batches, step, total, steps_per_epoch):
+            batch = parallel.put_batch(batch)
+            placed, metrics = parallel.train_step(placed, batch)
+            metrics = parallel.host_metrics(metrics)
+            step, now = step + 1, time.perf_counter()
+            # the global batch, also when split across devices or processes
+            log.step(step, epoch, metrics, int(batch["label"].size), now - tick)
+            tick = now
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                last = None if checkpointer is None else checkpointer.last_saved
+                raise NonFiniteLossError(step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
+            logged = len(log.records)
+            if eval_every and eval_batches is not None and (step % eval_every == 0 or step == total):
+                _report(bar, progress, log.evaluation(step, epoch, evaluate(parallel, placed, eval_batches())))
+            if step == min(total, (epoch + 1) * steps_per_epoch):  # the epoch ends
+                evaluation = None if eval_every or eval_batches is None else evaluate(parallel, placed, eval_batches())
+                _report(bar, progress, log.epoch(epoch, step, evaluation))
+            if checkpointer is not None and (checkpointer.due(step) or step == total):
+                checkpointer.save(parallel.get_state(placed))
+            if len(log.records) > logged or (checkpointer is not None and checkpointer.last_saved == step):
+                log.write()
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(parallel, placed, checkpointer, step) from interrupt
     finally:
         bar.close()
-        write_log()
-        if checkpoints is not None:
-            checkpoints.close()
+        log.write()
+        if checkpointer is not None:
+            checkpointer.close()
     state = parallel.get_state(placed)
     nnx.update(model, state.params, state.rest)
-    images = sum(r["batch_size"] for r in timed)
-    seconds = sum(r["time_s"] for r in timed)
-    return FitResult(model, state, records, images / seconds if seconds else math.nan, time.perf_counter() - started)
+    return FitResult(model, state, log.records, log.images_per_s(), time.perf_counter() - started)
+
+
+def _checked_total(steps_per_epoch, epochs, max_steps, checkpoint_every, eval_every) -> int:
+    """The number of updates of the run, after checking the step counts."""
+    steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+    epochs = check_int("epochs", epochs, minimum=1)
+    check_int("checkpoint_every", checkpoint_every, minimum=0)
+    if eval_every is not None:
+        check_int("eval_every", eval_every, minimum=1)
+    if max_steps is None:
+        return epochs * steps_per_epoch
+    return min(check_int("max_steps", max_steps, minimum=1), epochs * steps_per_epoch)
+
+
+def _report(bar, progress: bool, record: dict) -> None:
+    if progress and "test_accuracy" in record:
+        bar.write(
+            f"step {record['step']} (epoch {record['epoch'] + 1}): train loss {record['train_loss']:.4f}, "
+            f"test accuracy {record['test_accuracy']:.4f}"
+        )
+
+
+def _interrupted(parallel, placed, checkpointer: Checkpointer | None, step: int) -> TrainingInterrupted:
+    """Saves the state of the last completed step at a Ctrl-C (when it is intact and there is a folder)."""
+    if checkpointer is not None and checkpointer.last_saved != step:
+        try:
+            checkpointer.save(parallel.get_state(placed))
+        except (RuntimeError, NonFiniteLossError):  # the step was cut off inside its (donating) call
+            pass
+    return TrainingInterrupted(step, None if checkpointer is None else checkpointer.last_saved)
