@@ -28,7 +28,7 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     if not is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be an int {_range(minimum, maximum)}, got {value!r}")
+        raise ValueError(f"{name}={value!r} is out of range: expected an int {_range(minimum, maximum)}")
     return int(value)
 
 

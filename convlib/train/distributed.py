@@ -14,9 +14,8 @@ import time
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 
-from convlib.data.pipeline import batch_starts, epoch_order
+from convlib import data
 
 AUTO = "auto"
 
@@ -116,38 +115,15 @@ def process_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
-    """This process's rows of each global batch of one epoch.
-
-    The global batches are ``convlib.data.batches(key, images, labels, batch_size, shuffle=..., drop_remainder=...)``'s
-    (every process computes the same permutation from ``key``); process ``p`` of ``P`` gathers only rows
-    ``[p * L, (p + 1) * L)`` of each, ``L = ceil(batch_size / P)``, which is the order in which ``put_batch`` of the
-    ``"sharding"`` mode lays them out. With ``drop_remainder=False`` every batch has ``L`` rows and a ``"mask"``
-    (1 real, 0 padding: rows past the last example), so that all processes run the same number of equally shaped
-    steps; ``convlib.train.evaluate`` counts only the real rows.
-
-    Args:
-      images: (N, H, W, C), labels: (N,): the whole dataset, identical on every process.
-      batch_size: the global batch size ``B``; with ``drop_remainder`` a multiple of ``P``.
-      process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-
-    Yields:
-      ``{"image": (L, H, W, C), "label": (L,)}`` (plus ``"mask": (L,)`` float32 without ``drop_remainder``).
-    """
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise ValueError(f"process_index must be in [0, {count}), got {index!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if drop_remainder and batch_size % count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {count} processes")
-    n = labels.shape[0]
-    order, rows = epoch_order(key, n, shuffle), -(-batch_size // count)
-    for start in batch_starts(n, batch_size, drop_remainder):
-        positions = start + index * rows + jnp.arange(rows)
-        end = min(start + batch_size, n)
-        take = order[jnp.minimum(positions, n - 1)]
-        batch = {"image": jnp.take(images, take, axis=0), "label": jnp.take(labels, take, axis=0)}
-        if not drop_remainder:
-            batch["mask"] = (positions < end).astype(jnp.float32)
-        yield batch
+    """This process's rows of each global batch of one epoch: :func:`convlib.data.batches` with the process
+    defaulting to ``jax.process_index()`` of ``jax.process_count()`` (kept as the multi-process spelling)."""
+    return data.batches(
+        key,
+        images,
+        labels,
+        batch_size,
+        shuffle=shuffle,
+        drop_remainder=drop_remainder,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+    )

@@ -19,6 +19,7 @@ augmentation differ under ``"pmap"``/``"shard_map"``, where each device draws it
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,18 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from convlib.ops.checks import check_choice
 from convlib.train.state import TrainState, is_prng_key
 
 PARALLEL_MODES = ("none", "pmap", "sharding", "shard_map")
 AXIS = "data"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataParallel:
     """A compiled step pair for one mode, and how to move state and batches to and from its devices.
 
     train_step: ``(placed state, placed batch) -> (placed state, metrics)``;
     eval_step: ``(placed state, placed batch) -> sums``; see ``convlib.train.steps``.
+    put_state / get_state: a ``TrainState`` to its placement and back; place_batch: a batch (checked by
+    :meth:`put_batch`) to its placement; to_host: device metrics (fetched) to one copy.
     """
 
     mode: str
@@ -46,9 +50,9 @@ class DataParallel:
     train_step: Callable
     eval_step: Callable
     put_state: Callable[[TrainState], TrainState]
-    get_state: Callable[[TrainState], TrainState]
-    _put_batch: Callable[[dict], dict]
-    _to_host: Callable
+    get_state: Callable[[TrainState], TrainState] = lambda state: state
+    place_batch: Callable[[dict], dict]
+    to_host: Callable = lambda metrics: metrics
 
     def put_batch(self, batch: dict) -> dict:
         """Places a batch ``{"image": (B, ...), "label": (B,), ...}``: the global batch, or across processes this
@@ -60,11 +64,11 @@ class DataParallel:
                 f"batch size {size} is not divisible by the number of devices{where} {self.num_local_devices} "
                 f"(parallel={self.mode!r})"
             )
-        return self._put_batch(batch)
+        return self.place_batch(batch)
 
     def host_metrics(self, metrics: dict) -> dict[str, float]:
         """Device metrics (scalars, or per-device copies under pmap) -> Python floats; waits for the step."""
-        return {name: float(value) for name, value in self._to_host(jax.device_get(metrics)).items()}
+        return {name: float(value) for name, value in self.to_host(jax.device_get(metrics)).items()}
 
 
 def _first_copy(tree):
@@ -93,55 +97,41 @@ def _put_replicated(tree, sharding: NamedSharding):
     return jax.tree.map(put, tree)
 
 
-def data_parallel(
-    mode: str,
-    make_train_step: Callable[[str | None], Callable],
-    make_eval_step: Callable[[str | None], Callable],
-    *,
-    devices: Sequence[jax.Device] | None = None,
-) -> DataParallel:
-    """Compiles the steps for ``mode``.
+StepMaker = Callable[[str | None], Callable]  # axis_name (None: no named axis) -> step
 
-    make_train_step / make_eval_step: ``axis_name -> step`` (``None`` for the modes without a named axis), e.g.
-    ``functools.partial(convlib.train.make_train_step, graphdef, tx, loss)`` taking ``axis_name=``.
-    devices: the devices to use (default: all, of every process); ``"none"`` uses the first.
-    """
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: d.process_index)
-    local = sum(d.process_index == jax.process_index() for d in devices)
-    if mode in ("none", "pmap") and local < len(devices):
-        raise ValueError(
-            f"parallel={mode!r} runs on this process's devices only; across processes use 'sharding' or 'shard_map'"
-        )
-    identity = lambda x: x  # noqa: E731
-    if mode == "none":
-        device = devices[0]
-        put = lambda tree: jax.device_put(tree, device)  # noqa: E731
-        return DataParallel(
-            mode,
-            1,
-            1,
-            jax.jit(make_train_step(None), donate_argnums=0),
-            jax.jit(make_eval_step(None)),
-            put,
-            identity,
-            put,
-            identity,
-        )
+
+def _single_device(devices, make_train_step: StepMaker, make_eval_step: StepMaker) -> DataParallel:
+    """``jax.jit`` on the first device."""
+    put = functools.partial(jax.device_put, device=devices[0])
+    return DataParallel(
+        mode="none",
+        num_devices=1,
+        num_local_devices=1,
+        train_step=jax.jit(make_train_step(None), donate_argnums=0),
+        eval_step=jax.jit(make_eval_step(None)),
+        put_state=put,
+        place_batch=put,
+    )
+
+
+def _pmapped(devices, make_train_step: StepMaker, make_eval_step: StepMaker) -> DataParallel:
+    """``jax.pmap``: state stacked on a leading device axis, batches split into ``(D, B / D, ...)``."""
     n = len(devices)
-    if mode == "pmap":
-        return DataParallel(
-            mode,
-            n,
-            n,
-            jax.pmap(make_train_step(AXIS), axis_name=AXIS, devices=devices, donate_argnums=0),
-            jax.pmap(make_eval_step(AXIS), axis_name=AXIS, devices=devices),
-            lambda state: _replicate(state, n),
-            _first_copy,
-            lambda batch: _split_batch(batch, n),
-            _first_copy,
-        )
+    return DataParallel(
+        mode="pmap",
+        num_devices=n,
+        num_local_devices=n,
+        train_step=jax.pmap(make_train_step(AXIS), axis_name=AXIS, devices=devices, donate_argnums=0),
+        eval_step=jax.pmap(make_eval_step(AXIS), axis_name=AXIS, devices=devices),
+        put_state=lambda state: _replicate(state, n),
+        get_state=_first_copy,
+        place_batch=lambda batch: _split_batch(batch, n),
+        to_host=_first_copy,
+    )
+
+
+def _on_mesh(mode: str, devices, make_train_step: StepMaker, make_eval_step: StepMaker) -> DataParallel:
+    """``"sharding"`` (XLA partitions one global step) or ``"shard_map"`` (explicit collectives) over a 1-D mesh."""
     mesh = Mesh(np.asarray(devices), (AXIS,))
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(AXIS))
@@ -163,13 +153,38 @@ def data_parallel(
         )
         eval_step = jax.jit(jax.shard_map(make_eval_step(AXIS), out_specs=PartitionSpec(), **specs))
     return DataParallel(
-        mode,
-        n,
-        local,
-        train_step,
-        eval_step,
-        lambda state: _put_replicated(state, replicated),
-        identity,
-        lambda batch: jax.make_array_from_process_local_data(sharded, batch),
-        identity,
+        mode=mode,
+        num_devices=len(devices),
+        num_local_devices=sum(d.process_index == jax.process_index() for d in devices),
+        train_step=train_step,
+        eval_step=eval_step,
+        put_state=lambda state: _put_replicated(state, replicated),
+        place_batch=lambda batch: jax.make_array_from_process_local_data(sharded, batch),
     )
+
+
+def data_parallel(
+    mode: str,
+    make_train_step: StepMaker,
+    make_eval_step: StepMaker,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> DataParallel:
+    """Compiles the steps for ``mode``.
+
+    make_train_step / make_eval_step: ``axis_name -> step`` (``None`` for the modes without a named axis), e.g.
+    ``functools.partial(convlib.train.make_train_step, graphdef, tx, loss)`` taking ``axis_name=``.
+    devices: the devices to use (default: all, of every process); ``"none"`` uses the first.
+    """
+    check_choice("parallel", mode, PARALLEL_MODES)
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: d.process_index)
+    local = sum(d.process_index == jax.process_index() for d in devices)
+    if mode in ("none", "pmap") and local < len(devices):
+        raise ValueError(
+            f"parallel={mode!r} runs on this process's devices only; across processes use 'sharding' or 'shard_map'"
+        )
+    if mode == "none":
+        return _single_device(devices, make_train_step, make_eval_step)
+    if mode == "pmap":
+        return _pmapped(devices, make_train_step, make_eval_step)
+    return _on_mesh(mode, devices, make_train_step, make_eval_step)
