@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from convlib import models, ops
+from convlib import models, ops, train
 from experiments import fashion_training, outputs
 from experiments.agreement import errors
 from experiments.timing import median_times
@@ -320,10 +320,7 @@ def train_both(args, modes) -> tuple[dict, list[dict]]:
             batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
             key=jax.random.key(args.seed),
             evaluations=outputs.pick(args.size, 1, 5, 10),
-            optimizer="adamw",
-            learning_rate=3e-3,
-            warmup_steps=max(1, args.train_steps // 20),
-            weight_decay=5e-4,
+            recipe=train.Recipe(learning_rate=3e-3, warmup_steps=max(1, args.train_steps // 20)),
             progress=not args.no_progress,
         )
     rows = [

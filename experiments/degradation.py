@@ -19,7 +19,7 @@ import time
 import jax
 from flax import nnx
 
-from convlib import models
+from convlib import models, train
 from experiments import fashion_training, outputs
 
 
@@ -138,12 +138,14 @@ def main(argv=None) -> dict:
                 batch_size=args.batch_size,
                 key=jax.random.key(args.seed),
                 evaluations=args.evaluations,
-                optimizer="sgd",
-                learning_rate=args.lr,
-                schedule="piecewise",
-                momentum=0.9,
-                weight_decay=args.weight_decay,
-                crop_padding=args.crop,
+                recipe=train.Recipe(
+                    optimizer="sgd",
+                    learning_rate=args.lr,
+                    schedule="piecewise",
+                    momentum=0.9,
+                    weight_decay=args.weight_decay,
+                    crop_padding=args.crop,
+                ),
                 progress=not args.no_progress,
             )
             final = training.curve[-1]

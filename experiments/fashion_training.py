@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 
 import jax
 import numpy as np
@@ -85,12 +84,6 @@ def preprocess(images: jax.Array) -> jax.Array:
     return data.normalize(images, mean, std)
 
 
-def batch_cycle(key: jax.Array, split: Split, batch_size: int):
-    """Endless shuffled batches of `split`: epoch after epoch, each with its own key."""
-    for epoch in itertools.count():
-        yield from data.batches(jax.random.fold_in(key, epoch), split.images, split.labels, batch_size)
-
-
 @dataclasses.dataclass
 class Training:
     """curve: one dict per evaluation point: step, train_loss / train_error (running means over the steps since the
@@ -108,45 +101,34 @@ def fit(
     steps: int,
     batch_size: int,
     key: jax.Array,
+    recipe: train.Recipe,
     evaluations: int = 5,
-    optimizer: str = "sgd",
-    learning_rate: float = 0.1,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    crop_padding: int = 0,
     eval_batch_size: int = 1000,
     progress: bool = False,
 ) -> Training:
-    """Trains `model` in place for `steps` steps with `convlib.train.fit`, evaluating on the test split
-    `evaluations` times (evenly spaced, the last at the end)."""
+    """Trains `model` in place for `steps` steps of `recipe` with `convlib.train.fit` over epochs of the training
+    split, evaluating on the test split `evaluations` times (evenly spaced, the last at the end)."""
+    n = dataset.train.labels.shape[0]
     if steps < 1 or evaluations < 1 or batch_size < 1:
         raise ValueError(f"steps, evaluations and batch_size must be >= 1, got {steps}, {evaluations}, {batch_size}")
-    if batch_size > dataset.train.labels.shape[0]:
-        raise ValueError(f"batch_size={batch_size} exceeds the {dataset.train.labels.shape[0]} training images")
-    evaluations = min(evaluations, steps)
-    per_round = -(-steps // evaluations)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training images")
+    steps_per_epoch = n // batch_size
     data_key, train_key = jax.random.split(key)
-    lr = train.make_schedule(schedule, learning_rate, total_steps=steps, warmup_steps=warmup_steps)
-    tx = train.make_optimizer(optimizer, lr, momentum=momentum, weight_decay=weight_decay)
-    augment = None
-    if crop_padding:
-
-        def augment(key, images):
-            return data.random_crop(key, images, crop_padding)
-
+    tx, schedule = recipe.optimizer_for(steps)
     result = train.fit(
         model,
         tx,
-        lambda round_: batch_cycle(jax.random.fold_in(data_key, round_), dataset.train, batch_size),
-        steps_per_epoch=per_round,
-        epochs=-(-steps // per_round),
+        lambda epoch: data.batches(
+            jax.random.fold_in(data_key, epoch), dataset.train.images, dataset.train.labels, batch_size
+        ),
+        steps_per_epoch=steps_per_epoch,
+        epochs=-(-steps // steps_per_epoch),
         max_steps=steps,
         key=train_key,
-        learning_rate=lr,
+        learning_rate=schedule,
         preprocess=preprocess,
-        augment=augment,
+        augment=recipe.augment(),
         eval_batches=lambda: data.batches(
             key,
             dataset.test.images,
@@ -155,6 +137,7 @@ def fit(
             shuffle=False,
             drop_remainder=False,
         ),
+        eval_every=-(-steps // min(evaluations, steps)),
         progress=progress,
     )
     curve = [
@@ -166,7 +149,7 @@ def fit(
             "test_error": 1 - r["test_accuracy"],
         }
         for r in result.records
-        if r["kind"] == "epoch"
+        if r["kind"] == "eval"
     ]
     step_records = [
         {"step": r["step"], "loss": r["loss"], "error": 1 - r["accuracy"]}

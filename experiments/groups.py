@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convlib import models, nn, ops
+from convlib import models, nn, ops, train
 from experiments import fashion_training, outputs
 from experiments.timing import median_times
 
@@ -214,10 +214,7 @@ def train_sweep(args) -> list[dict]:
                 batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
                 key=jax.random.key(seed),
                 evaluations=outputs.pick(args.size, 1, 6, 10),
-                optimizer="adamw",
-                learning_rate=args.lr,
-                warmup_steps=max(1, args.steps // 20),
-                weight_decay=5e-4,
+                recipe=train.Recipe(learning_rate=args.lr, warmup_steps=max(1, args.steps // 20)),
                 progress=not args.no_progress,
             )
             final = training.curve[-1]

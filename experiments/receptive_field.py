@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from convlib import models, ops
+from convlib import models, ops, train
 from experiments import fashion_training, feature_maps, outputs
 
 
@@ -275,10 +275,12 @@ def erf_experiment(args) -> dict:
         batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
         key=jax.random.key(args.seed),
         evaluations=1,
-        optimizer="sgd",
-        learning_rate=args.lr,
-        warmup_steps=max(1, args.erf_steps // 20),
-        crop_padding=2,
+        recipe=train.Recipe(
+            optimizer="sgd",
+            learning_rate=args.lr,
+            warmup_steps=max(1, args.erf_steps // 20),
+            crop_padding=2,
+        ),
         progress=not args.no_progress,
     )
     after = effective_field(model, images)

@@ -279,12 +279,6 @@ def main(argv=None) -> dict:
     def preprocess(images):
         return data.normalize(images, mean, std).astype(dtype)
 
-    def augment(key, images):
-        crop_key, flip_key = jax.random.split(key)
-        if args.crop_padding:
-            images = data.random_crop(crop_key, images, args.crop_padding)
-        return data.random_flip(flip_key, images) if args.flip else images
-
     steps_per_epoch = len(train_labels) // args.batch_size
     total_steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
     epochs = -(-total_steps // steps_per_epoch)
@@ -294,15 +288,19 @@ def main(argv=None) -> dict:
             f"--warmup-epochs {args.warmup_epochs} is {warmup_steps} steps, not fewer than the run's "
             f"{total_steps}: lower it (e.g. --warmup-epochs 0)"
         )
-    schedule = train.make_schedule(
-        args.schedule,
-        args.lr,
-        total_steps=total_steps,
+    recipe = train.Recipe(
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
         warmup_steps=warmup_steps,
-        boundaries=None if args.lr_boundaries is None else [int(b) for b in args.lr_boundaries.split(",")],
+        boundaries=None if args.lr_boundaries is None else tuple(int(b) for b in args.lr_boundaries.split(",")),
         decay_factor=args.lr_decay,
+        crop_padding=args.crop_padding,
+        flip=args.flip,
     )
-    tx = train.make_optimizer(args.optimizer, schedule, momentum=args.momentum, weight_decay=args.weight_decay)
+    tx, schedule = recipe.optimizer_for(total_steps)
     options = {**MODEL_DEFAULTS.get(args.model, {}), **model_options(args.model_option)}
     model = models.create(
         args.model,
@@ -326,7 +324,7 @@ def main(argv=None) -> dict:
         loss=train.make_loss(args.loss, rbf_j=args.rbf_j),
         learning_rate=schedule,
         preprocess=preprocess,
-        augment=augment if (args.crop_padding or args.flip) else None,
+        augment=recipe.augment(),
         eval_batches=lambda: distributed.process_batches(
             key, test_images, test_labels, args.eval_batch_size, shuffle=False, drop_remainder=False
         ),

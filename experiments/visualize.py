@@ -206,11 +206,7 @@ def main(argv=None) -> dict:
             batch_size=min(args.batch_size, dataset.train.labels.shape[0]),
             key=jax.random.key(args.seed),
             evaluations=1,
-            optimizer="adamw",
-            learning_rate=args.lr,
-            warmup_steps=max(1, args.steps // 20),
-            weight_decay=5e-4,
-            crop_padding=2,
+            recipe=train.Recipe(learning_rate=args.lr, warmup_steps=max(1, args.steps // 20), crop_padding=2),
             progress=not args.no_progress,
         )
         training = fit.curve[-1]

@@ -18,6 +18,7 @@ from convlib.train.model_parallel import shard_output_channels
 from convlib.train.optimizers import OPTIMIZERS, SCHEDULES, decay_kernels_only, make_optimizer, make_schedule
 from convlib.train.parallel import PARALLEL_MODES, DataParallel, data_parallel
 from convlib.train.plots import plot_history
+from convlib.train.recipe import Recipe
 from convlib.train.state import TrainState, create_train_state, split_model
 from convlib.train.steps import make_eval_step, make_train_step
 
@@ -34,6 +35,7 @@ __all__ = [
     "Loss",
     "MetricsLog",
     "NonFiniteLossError",
+    "Recipe",
     "TrainState",
     "TrainingInterrupted",
     "create_train_state",
