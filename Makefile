@@ -13,7 +13,7 @@ train: setup dataset
 	$(BIN)/python experiments/train.py
 
 test: setup dataset
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q --doctest-modules convlib tests
 
 # ruff: lint (pyflakes, pycodestyle, isort, bugbear, pyupgrade) and the formatter's check, as configured in pyproject.
 lint: setup

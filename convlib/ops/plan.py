@@ -111,7 +111,7 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
     Other platforms run the textbook formulation, which their conv libraries take natively.
 
     >>> from convlib.ops.geometry import make_geometry
-    >>> str(plan(make_geometry(2, 3, stride=2), (32, 8, 8, 16), (3, 3, 16, 32), "cpu"))
+    >>> str(plan(make_geometry(2, 3, stride=2, padding=1), (32, 32, 32, 16), (3, 3, 16, 32), "cpu"))
     'dX phases, dW chunks of 8'
     """
     if not isinstance(platform, str):

@@ -33,7 +33,7 @@ class Recipe:
       flip: random left-right flips.
 
     >>> recipe = Recipe(optimizer="sgd", learning_rate=0.1, schedule="piecewise", boundaries=(32_000, 48_000))
-    >>> float(recipe.learning_rate_schedule(64_000)(40_000))
+    >>> round(float(recipe.learning_rate_schedule(64_000)(40_000)), 6)
     0.01
     """
 
