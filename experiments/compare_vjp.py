@@ -61,10 +61,9 @@ class Layer:
     def arrays(self, key, batch: int, dtype=jnp.float32):
         """x, w, b for a batch of `batch`, in this layer's layout."""
         kx, kw, kb = jax.random.split(key, 3)
-        if self.layout == "NHWC":
-            x_shape, w_shape = (batch, *self.spatial, self.c_in), (*self.kernel, self.c_in // self.groups, self.c_out)
-        else:
-            x_shape, w_shape = (batch, self.c_in, *self.spatial), (self.c_out, self.c_in // self.groups, *self.kernel)
+        axes = ops.layout_axes(self.layout, len(self.spatial))
+        x_shape = axes.array_shape(batch, self.c_in, self.spatial)
+        w_shape = axes.kernel_shape(self.kernel, self.c_in // self.groups, self.c_out)
         fan_in = math.prod(self.kernel) * self.c_in // self.groups
         return (
             jax.random.normal(kx, x_shape, dtype),

@@ -128,7 +128,7 @@ class Conv(nnx.Module):
         """Spatial output shape for inputs of spatial shape `in_spatial`."""
         return self.geometry(in_spatial).output_spatial(in_spatial)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         params = (self.kernel[...],) + (() if self.bias is None else (self.bias[...],))
         if self.dtype is None:
             x, *params = promote(x, *params)

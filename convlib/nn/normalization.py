@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
@@ -35,7 +36,7 @@ class LocalResponseNorm(nnx.Module):
         self.alpha, self.beta, self.k = float(alpha), float(beta), float(k)
         self.layout = check_layout(layout)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         axis = ops.layout_axes(self.layout, x.ndim - 2).channel
         window, pads = [1] * x.ndim, [(0, 0)] * x.ndim
         window[axis], pads[axis] = self.size, (self.size // 2, (self.size - 1) // 2)

@@ -38,7 +38,7 @@ class _Pool(nnx.Module):
         y = jax.eval_shape(self._pool, jax.ShapeDtypeStruct(axes.array_shape(1, 1, in_spatial), jnp.float32))
         return tuple(y.shape[a] for a in axes.spatial)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return self._pool(x)
 
 
@@ -110,7 +110,7 @@ class GlobalAvgPool(nnx.Module):
         self.layout = check_layout(layout)
         self.backward = check_backward(backward)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         spatial = tuple(x.shape[a] for a in ops.layout_axes(self.layout, x.ndim - 2).spatial)
         y = ops.avg_pool(x, spatial, layout=self.layout, backward=self.backward)
         return y.reshape(x.shape[0], -1)

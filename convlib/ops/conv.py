@@ -20,6 +20,8 @@ from convlib.ops import plan, textbook
 from convlib.ops.checks import check_int
 from convlib.ops.geometry import (
     Geometry,
+    Padding,
+    Size,
     as_float_array,
     check_backward,
     check_layout,
@@ -62,13 +64,13 @@ def conv(
     w: ArrayLike,
     b: ArrayLike | None = None,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    padding_mode="zeros",
-    layout="NHWC",
-    backward="custom",
+    stride: Size = 1,
+    padding: Padding = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    layout: str = "NHWC",
+    backward: str = "custom",
 ) -> jax.Array:
     """N-d cross-correlation (what `torch.nn.functional.conv{1,2,3}d` computes).
 
@@ -139,12 +141,12 @@ def conv_transpose(
     w: ArrayLike,
     b: ArrayLike | None = None,
     *,
-    stride=1,
-    padding=0,
-    output_padding=0,
-    dilation=1,
-    groups=1,
-    layout="NHWC",
+    stride: Size = 1,
+    padding: Padding = 0,
+    output_padding: Size = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    layout: str = "NHWC",
 ) -> jax.Array:
     """Transposed convolution: the adjoint of :func:`conv` with the same `w`.
 

@@ -24,6 +24,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 BACKWARDS = ("custom", "textbook", "autodiff")
 
 Pairs = tuple[tuple[int, int], ...]
+Size = int | Sequence[int]  # one int for every spatial dim, or one per dim
+Padding = int | str | Sequence[int] | Sequence[tuple[int, int]]  # see make_geometry
 
 
 # --------------------------------------------------------------------------- the shared boundary checks
@@ -259,11 +261,11 @@ def ceil_mode_padding(in_spatial, padding: Pairs, kernel, stride) -> Pairs:
 
 def make_geometry(
     ndim: int,
-    kernel,
+    kernel: Size,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: Size = 1,
+    padding: Padding = 0,
+    dilation: Size = 1,
     groups: int = 1,
     layout: str = "NHWC",
     padding_mode: str = "zeros",

@@ -31,6 +31,8 @@ from jax.typing import ArrayLike
 from convlib.ops.checks import check_bool
 from convlib.ops.geometry import (
     Geometry,
+    Padding,
+    Size,
     as_float_array,
     ceil_mode_padding,
     check_backward,
@@ -121,7 +123,14 @@ _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
 
 
 def max_pool(
-    x: ArrayLike, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC", backward="custom"
+    x: ArrayLike,
+    window: Size,
+    stride: Size | None = None,
+    padding: Padding = 0,
+    *,
+    ceil_mode: bool = False,
+    layout: str = "NHWC",
+    backward: str = "custom",
 ) -> jax.Array:
     """Max pooling over 1, 2 or 3 spatial dims; padding counts as -inf.
 
@@ -218,14 +227,14 @@ _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
 
 def avg_pool(
     x: ArrayLike,
-    window,
-    stride=None,
-    padding=0,
+    window: Size,
+    stride: Size | None = None,
+    padding: Padding = 0,
     *,
-    count_include_pad=True,
-    ceil_mode=False,
-    layout="NHWC",
-    backward="custom",
+    count_include_pad: bool = True,
+    ceil_mode: bool = False,
+    layout: str = "NHWC",
+    backward: str = "custom",
 ) -> jax.Array:
     """Average pooling over 1, 2 or 3 spatial dims (PyTorch's `avg_pool{1,2,3}d` semantics).
 

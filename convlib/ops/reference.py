@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from convlib.ops import textbook
 from convlib.ops.geometry import Geometry, as_float_array, conv_geometry, promote
@@ -39,7 +40,7 @@ def _channels_last_order(geometry: Geometry) -> tuple[tuple[int, ...], tuple[int
     return (lhs[0], *lhs[2:], lhs[1]), (*rhs[2:], rhs[1], rhs[0])
 
 
-def conv_loops(x, w, b=None, **kwargs) -> np.ndarray:
+def conv_loops(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> np.ndarray:
     """Cross-correlation by explicit loops, in float64 NumPy. Same arguments and layout as `conv`.
 
     y[n, o, i] = b[o] + sum over kernel offsets k and the input channels c of o's group
@@ -71,7 +72,7 @@ def conv_loops(x, w, b=None, **kwargs) -> np.ndarray:
     return np.moveaxis(y, range(y.ndim), out)
 
 
-def conv_im2col(x, w, b=None, **kwargs) -> jax.Array:
+def conv_im2col(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:
     """Cross-correlation as one matrix product per group over the unrolled patches. Same arguments as `conv`.
 
     patches: (N, *out, prod(K), C_in) gathered with one strided view per kernel offset;
@@ -92,7 +93,7 @@ def conv_im2col(x, w, b=None, **kwargs) -> jax.Array:
     return jnp.transpose(y, np.argsort(x_order))
 
 
-def conv_lax(x, w, b=None, **kwargs) -> jax.Array:
+def conv_lax(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:
     """Cross-correlation with `lax.conv_general_dilated` (autodiff backward). Same arguments as `conv`."""
     x, w, b, geometry = _prepare(x, w, b, kwargs)
     return textbook.forward(x, w, b, geometry, lax.conv_general_dilated)
@@ -101,7 +102,7 @@ def conv_lax(x, w, b=None, **kwargs) -> jax.Array:
 IMPLEMENTATIONS = {"loops": conv_loops, "im2col": conv_im2col, "lax": conv_lax}
 
 
-def conv_by(method: str, x, w, b=None, **kwargs):
+def conv_by(method: str, x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:
     """Cross-correlation computed the named way: "loops", "im2col" or "lax"."""
     if method not in IMPLEMENTATIONS:
         raise ValueError(f"method must be one of {tuple(IMPLEMENTATIONS)}, got {method!r}")

@@ -51,10 +51,9 @@ class ConvCase:
         """x, w, b in `layout` (float32), w scaled by 1/sqrt(fan-in)."""
         kx, kw, kb = jax.random.split(key, 3)
         kernel = (self.kernel,) * self.ndim
-        if layout == "NHWC":
-            x_shape, w_shape = (self.batch, *self.spatial, self.c_in), (*kernel, self.c_in // self.groups, self.c_out)
-        else:
-            x_shape, w_shape = (self.batch, self.c_in, *self.spatial), (self.c_out, self.c_in // self.groups, *kernel)
+        axes = ops.layout_axes(layout, self.ndim)
+        x_shape = axes.array_shape(self.batch, self.c_in, self.spatial)
+        w_shape = axes.kernel_shape(kernel, self.c_in // self.groups, self.c_out)
         fan_in = self.kernel**self.ndim * self.c_in // self.groups
         return (
             jax.random.normal(kx, x_shape),
