@@ -399,6 +399,7 @@ def plot_training(run: outputs.Run, summary: dict, rows: list[dict], modes) -> N
 # --------------------------------------------------------------------------- main
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = outputs.Run(args, argv)

@@ -112,6 +112,7 @@ def plot(run, rows, args, dataset_name, machine):
     run.save_figure(fig, "degradation.png")
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = outputs.Run(args, argv)

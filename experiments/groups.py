@@ -301,6 +301,7 @@ def plot_training(run, rows):
     run.save_figure(fig, "groups_training.png")
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = outputs.Run(args, argv)

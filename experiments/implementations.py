@@ -197,6 +197,7 @@ def plot(run, rows, machine):
     run.save_figure(fig, "time_vs_flops.png")
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = outputs.Run(args, argv)

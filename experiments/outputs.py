@@ -1,20 +1,25 @@
-"""What every experiment script shares: its common flags, its output folder, the record of the machine, and
-atomic writing of JSON, CSV, Markdown tables and PNG figures (matplotlib, Agg backend)."""
+"""What every experiment script shares: its parser (one-line errors), its entry wrapper, its common flags, its output
+folder, the record of the machine, and atomic writing of JSON, CSV, Markdown tables and PNG figures (matplotlib,
+Agg backend)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
+import functools
 import io
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from convlib.train import write_json
+from convlib.train import NonFiniteLossError, TrainingInterrupted, write_json
 from convlib.train.atomic_files import atomic_path, write_text
 
 SIZES = ("smoke", "default", "full")
@@ -28,9 +33,73 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return text if "default" in text else super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` for the scripts: every user error is one line `prog: error: ...` and exit status 2 (no
+    usage block, no traceback), and flags must be spelt out (`--epoch` is not taken for `--epochs`)."""
+
+    def __init__(self, description: str, prog: str, **kwargs):
+        super().__init__(
+            description=description, prog=prog, formatter_class=HelpFormatter, allow_abbrev=False, **kwargs
+        )
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+    @contextlib.contextmanager
+    def setting_up(self):
+        """Turns the library's `ValueError` / `TypeError` (bad arguments, named by the library) raised while the
+        script sets up, before it writes anything, into `error`. Later failures keep their tracebacks."""
+        try:
+            yield
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            self.error(str(error))
+
+
+def script(main: Callable) -> Callable:
+    """The entry wrapper of every script's `main(argv)`: a training run stopped by non-finite values ends with one
+    line naming the step and what was kept (exit 1), Ctrl-C with one line saying what a resume continues from
+    (exit 130); anything else (a bug) keeps its traceback."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None):
+        module = main.__module__
+        prog = os.path.basename(sys.argv[0]) if module == "__main__" else module.rsplit(".", 1)[-1] + ".py"
+        try:
+            return main(argv)
+        except NonFiniteLossError as error:
+            print(f"{prog}: stopped: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except TrainingInterrupted as error:
+            print(f"{prog}: {error}", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return run
+
+
+def check_out(parser: argparse.ArgumentParser, out: str, *, resume: bool) -> None:
+    """`parser.error` unless `out` can hold this run's files: a folder (or a path one can be created at) that is
+    writable, and without a finished run's results unless resuming."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out!r} is an existing file, not a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:  # the honest test (permission bits say little to root): make a folder there, and remove it
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".convlib-probe-"))
+    except OSError as error:
+        parser.error(f"--out {out!r} cannot be created or written ({existing!r}: {error.strerror})")
+    if not resume and os.path.exists(os.path.join(out, "results.json")):
+        parser.error(f"--out {out!r} holds a finished run's results.json: choose another folder (or --resume)")
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """`value`, or None where it is NaN or infinite (JSON has no such numbers)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
     """A parser with the flags every experiment has: --out, --seed, --smoke / --full, --no-progress."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p = Parser(doc, prog=f"{name}.py")
     p.add_argument("--out", default=os.path.join("runs", name), help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (jax.random keys, nnx.Rngs)")
     size = p.add_mutually_exclusive_group()

@@ -380,6 +380,7 @@ def plot_erf(run, summary, before, after):
     run.save_figure(fig, "erf.png")
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = outputs.Run(args, argv)

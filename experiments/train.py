@@ -17,7 +17,9 @@ process sees. See the README, "Training on several machines".
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 
 from convlib.train import distributed
@@ -28,8 +30,14 @@ from experiments import outputs
 MODEL_DEFAULTS = {"lenet5_modern": {"channels": [16, 32]}}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=outputs.HelpFormatter)
+# Set by the script itself, so not --model-option keys.
+SCRIPT_OPTIONS = ("num_classes", "in_channels", "backward", "dtype", "param_dtype", "rngs")
+MAX_SEED = 2**32 - 1
+
+
+def make_parser() -> outputs.Parser:
+    """The flags of train.py (every one documented, with its default)."""
+    p = outputs.Parser(__doc__, prog="train.py")
     add = p.add_argument
     add(
         "--model",
@@ -124,14 +132,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and dropout")
     add("--out", default=None, help="output folder (default: runs/<model>_<dataset>)")
-    add("--checkpoint-every", type=int, default=1000, help="save a checkpoint every this many steps (and at the end)")
+    add(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="save a checkpoint every this many steps (and at the end, and at a Ctrl-C)",
+    )
     add(
         "--checkpoint-dir",
         default=None,
         help="Orbax checkpoints (default: --out/checkpoints); with several "
         "processes, a folder all of them see (shared file system)",
     )
-    add("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    add(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        choices=("auto", "require"),
+        help="continue from the newest intact checkpoint in --checkpoint-dir; bare --resume (auto) starts afresh, "
+        "with a warning, when there is none; --resume=require stops instead",
+    )
     add("--no-progress", action="store_true", help="no progress bar")
     add(
         "--coordinator",
@@ -155,6 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=100,
         help="seconds of silence after which a process (or the coordinator) counts as dead and the others stop",
     )
+    return p
+
+
+def parse_args(argv=None, parser: outputs.Parser | None = None) -> argparse.Namespace:
+    """The flags, each checked on its own and against the others (one-line error and exit 2 otherwise)."""
+    p = parser or make_parser()
     args = p.parse_args(argv)
     outputs.positive(
         p,
@@ -169,11 +196,67 @@ def parse_args(argv=None) -> argparse.Namespace:
         "num_processes",
         "distributed_timeout",
         "heartbeat_timeout",
+        "checkpoint_every",
+        "lr_decay",
+        "rbf_j",
     )
+    for flag, value, low, high in (
+        ("--lr", args.lr, 0, math.inf),
+        ("--lr-decay", args.lr_decay, 0, math.inf),
+        ("--rbf-j", args.rbf_j, 0, math.inf),
+        ("--weight-decay", args.weight_decay, 0, math.inf),
+        ("--warmup-epochs", args.warmup_epochs, 0, math.inf),
+        ("--momentum", args.momentum, 0, 1),
+    ):
+        if not (math.isfinite(value) and low <= value and (value < high)):
+            p.error(f"{flag} must be a finite number in [{low}, {high}), got {value!r}")
+    if args.crop_padding < 0:
+        p.error(f"--crop-padding must be >= 0, got {args.crop_padding}")
+    if not args.crop_padding <= args.input_size // 2:
+        p.error(f"--crop-padding {args.crop_padding} is more than half the --input-size {args.input_size}")
+    if args.synthetic is not None and args.synthetic < 5:
+        p.error(f"--synthetic must be at least 5 (N training and N / 5 test images), got {args.synthetic}")
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    args.lr_boundaries = lr_boundaries(p, args.lr_boundaries)
+    args.model_options = checked_model_options(p, args)
     check_distributed_flags(p, args)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.model}_{'synthetic' if args.synthetic else args.dataset}")
+    outputs.check_out(p, args.out, resume=args.resume is not None)
     return args
+
+
+def lr_boundaries(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
+    """--lr-boundaries as increasing positive ints."""
+    if text is None:
+        return None
+    try:
+        boundaries = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        p.error(f"--lr-boundaries must be comma-separated steps (ints), got {text!r}")
+    if any(b < 1 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+        p.error(f"--lr-boundaries must be positive and increasing, got {text!r}")
+    return boundaries
+
+
+def checked_model_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The model's keyword arguments: the per-model defaults, then --model-option; none that a flag sets."""
+    try:
+        options = model_options(args.model_option)
+    except ValueError as error:
+        p.error(str(error))
+    for key in options:
+        if key in SCRIPT_OPTIONS:
+            p.error(f"--model-option {key}=... is set by the script (from the data and the flags), not an option")
+    options = {**MODEL_DEFAULTS.get(args.model, {}), **options}
+    rbf_head = options.get("head") == "rbf"
+    if (args.loss == "rbf") != rbf_head:
+        p.error(
+            f"--loss {args.loss} does not fit the model's head ({'rbf' if rbf_head else 'logits'}): use --loss rbf "
+            'exactly with --model lenet5 --model-option head="rbf"'
+        )
+    return options
 
 
 def check_distributed_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -241,11 +324,59 @@ def model_options(pairs: list[str]) -> dict:
     return options
 
 
+@outputs.script
 def main(argv=None) -> dict:
-    """Trains and returns the results (on processes other than 0: ``{}``; process 0 writes them)."""
-    args = parse_args(argv)
+    """Trains and returns the results (on processes other than 0: ``{}``; process 0 writes them).
+
+    Everything is checked before anything is written: the flags, then the data against the batch size and the
+    model against the data; a user error ends with one line (exit 2).
+    """
+    parser = make_parser()
+    args = parse_args(argv, parser)
     if args.coordinator is not None:
         join_processes(args)
+    import jax
+
+    from convlib import train
+
+    with parser.setting_up():
+        job = set_up(args)
+    primary = jax.process_index() == 0
+    run = outputs.Run(args, argv) if primary else None
+    metrics = os.path.join(args.out, METRICS)
+    result = train.fit(
+        job["model"],
+        job["tx"],
+        job["train_batches"],
+        steps_per_epoch=job["steps_per_epoch"],
+        epochs=job["epochs"],
+        max_steps=job["total_steps"],
+        key=job["train_key"],
+        loss=job["loss"],
+        learning_rate=job["schedule"],
+        preprocess=job["preprocess"],
+        augment=job["recipe"].augment(),
+        eval_batches=job["eval_batches"],
+        parallel=args.parallel,
+        checkpoint_dir=args.checkpoint_dir or os.path.join(args.out, "checkpoints"),
+        checkpoint_every=args.checkpoint_every,
+        resume=job["resume"],
+        metrics_path=metrics + INCOMPLETE,  # process 0 writes it; every process reads it back on resume
+        progress=primary and not args.no_progress,
+    )
+    if not primary:
+        return {}
+    return report(run, args, job, result)
+
+
+# While a run trains, its log is metrics.jsonl.incomplete; it becomes metrics.jsonl with the results, so no reader
+# (or --resume) takes a failed or interrupted run's log for a finished one's.
+METRICS, INCOMPLETE = "metrics.jsonl", ".incomplete"
+
+
+def set_up(args: argparse.Namespace) -> dict:
+    """Loads the data and builds the model, recipe and batches, checking each against the flags; writes nothing
+    (but the in-progress log of a resumed run, taken up from its finished log)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -253,13 +384,6 @@ def main(argv=None) -> dict:
     from convlib import data, models, train
     from experiments.fashion_training import synthetic_images
 
-    primary = jax.process_index() == 0
-    if args.parallel != "none" and args.batch_size % jax.device_count():
-        raise SystemExit(
-            f"--batch-size {args.batch_size} is not divisible by the {jax.device_count()} devices "
-            f"({jax.process_count()} processes) of --parallel {args.parallel}"
-        )
-    run = outputs.Run(args, argv) if primary else None
     key = jax.random.key(args.seed)
     data_key, train_key = jax.random.split(key)
 
@@ -273,21 +397,23 @@ def main(argv=None) -> dict:
 
     train_images, train_labels = load("train")
     test_images, test_labels = load("test")
-    mean, std = data.MEAN_STD[args.dataset]
-    dtype = jnp.dtype(args.dtype)
-
-    def preprocess(images):
-        return data.normalize(images, mean, std).astype(dtype)
-
+    if args.batch_size > len(train_labels):
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_labels)} training images")
+    if args.parallel != "none" and args.batch_size % jax.device_count():
+        raise ValueError(
+            f"--batch-size {args.batch_size} is not divisible by the {jax.device_count()} devices "
+            f"({jax.process_count()} processes) of --parallel {args.parallel}"
+        )
     steps_per_epoch = len(train_labels) // args.batch_size
     total_steps = args.epochs * steps_per_epoch if args.steps is None else args.steps
-    epochs = -(-total_steps // steps_per_epoch)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     if args.schedule == "cosine" and warmup_steps >= total_steps:
-        raise SystemExit(
+        raise ValueError(
             f"--warmup-epochs {args.warmup_epochs} is {warmup_steps} steps, not fewer than the run's "
             f"{total_steps}: lower it (e.g. --warmup-epochs 0)"
         )
+    if args.schedule == "piecewise" and args.lr_boundaries and args.lr_boundaries[-1] >= total_steps:
+        raise ValueError(f"--lr-boundaries {args.lr_boundaries} must lie inside the run's {total_steps} steps")
     recipe = train.Recipe(
         optimizer=args.optimizer,
         learning_rate=args.lr,
@@ -295,65 +421,108 @@ def main(argv=None) -> dict:
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         warmup_steps=warmup_steps,
-        boundaries=None if args.lr_boundaries is None else tuple(int(b) for b in args.lr_boundaries.split(",")),
+        boundaries=args.lr_boundaries,
         decay_factor=args.lr_decay,
         crop_padding=args.crop_padding,
         flip=args.flip,
     )
     tx, schedule = recipe.optimizer_for(total_steps)
-    options = {**MODEL_DEFAULTS.get(args.model, {}), **model_options(args.model_option)}
+    dtype = jnp.dtype(args.dtype)
     model = models.create(
         args.model,
         num_classes=10,
-        in_channels=1,
+        in_channels=train_images.shape[-1],
         backward=args.backward,
         dtype=None if dtype == jnp.float32 else dtype,
         rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
-        **options,
+        **args.model_options,
     )
-    result = train.fit(
-        model,
-        tx,
-        lambda epoch: distributed.process_batches(
+    side = getattr(model, "input_size", args.input_size)
+    if side != args.input_size:
+        raise ValueError(
+            f"--model {args.model} takes {side}x{side} images but --input-size is {args.input_size} "
+            "(change --input-size, or --model-option input_size=... where the model has that option)"
+        )
+    resume = resumable(args)
+    take_up_finished_log(args)
+    mean, std = data.MEAN_STD[args.dataset]
+    return {
+        "resume": resume,
+        "model": model,
+        "recipe": recipe,
+        "tx": tx,
+        "schedule": schedule,
+        "loss": train.make_loss(args.loss, rbf_j=args.rbf_j),
+        "preprocess": lambda images: data.normalize(images, mean, std).astype(dtype),
+        "train_key": train_key,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "epochs": -(-total_steps // steps_per_epoch),
+        "train_batches": lambda epoch: distributed.process_batches(
             jax.random.fold_in(data_key, epoch), train_images, train_labels, args.batch_size
         ),
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        max_steps=total_steps,
-        key=train_key,
-        loss=train.make_loss(args.loss, rbf_j=args.rbf_j),
-        learning_rate=schedule,
-        preprocess=preprocess,
-        augment=recipe.augment(),
-        eval_batches=lambda: distributed.process_batches(
+        "eval_batches": lambda: distributed.process_batches(
             key, test_images, test_labels, args.eval_batch_size, shuffle=False, drop_remainder=False
         ),
-        parallel=args.parallel,
-        checkpoint_dir=args.checkpoint_dir or os.path.join(args.out, "checkpoints"),
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        metrics_path=os.path.join(args.out, "metrics.jsonl"),
-        progress=primary and not args.no_progress,
-    )
-    if not primary:
-        return {}
+    }
+
+
+def resumable(args: argparse.Namespace) -> bool:
+    """Whether fit resumes: with --resume and a checkpoint there. --resume=require without one is an error; bare
+    --resume says that it starts afresh."""
+    from convlib import train
+
+    if args.resume is None:
+        return False
+    folder = args.checkpoint_dir or os.path.join(args.out, "checkpoints")
+    found = os.path.isdir(folder) and train.Checkpoints(folder).latest_step() is not None  # creates nothing
+    if not found and args.resume == "require":
+        raise FileNotFoundError(f"--resume=require: no checkpoint in {folder!r}")
+    if not found:
+        print(f"train.py: no checkpoint to resume in {folder!r}; training starts at step 0", file=sys.stderr)
+    return found
+
+
+def take_up_finished_log(args: argparse.Namespace) -> None:
+    """On --resume of a finished run, a copy of its metrics.jsonl becomes the in-progress log again (the finished
+    one stays until the resumed run replaces it)."""
+    finished = os.path.join(args.out, METRICS)
+    if args.resume and os.path.exists(finished) and not os.path.exists(finished + INCOMPLETE):
+        shutil.copyfile(finished, finished + INCOMPLETE)
+
+
+def report(run: outputs.Run, args: argparse.Namespace, job: dict, result) -> dict:
+    """Publishes the finished run: the log under its final name, the curves (when matplotlib is there) and
+    results.json; prints the test accuracy."""
+    from convlib import train
+
+    os.replace(run.path(METRICS + INCOMPLETE), run.path(METRICS))
     final = [r for r in result.records if r["kind"] == "epoch"][-1]
-    train.plot_history(result.records, run.path("curves.png"))
+    try:
+        train.plot_history(result.records, run.path("curves.png"))
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib":
+            raise
+        print("curves.png skipped: matplotlib is not installed (pip install 'convlib[plot]')", file=sys.stderr)
     results = run.finish(
         {
             "test_accuracy": final["test_accuracy"],
             "test_loss": final["test_loss"],
             "train_loss_last_epoch": final["train_loss"],
-            "steps": total_steps,
-            "epochs": epochs,
+            "steps": job["total_steps"],
+            "epochs": job["epochs"],
             "fit_wall_s": result.wall_s,
-            "train_images_per_s": result.images_per_s,
-            "model_options": options,
+            "train_images_per_s": outputs.finite_or_none(result.images_per_s),
+            "model_options": args.model_options,
         }
     )
+    rate = (
+        "no steps left to train"
+        if results["train_images_per_s"] is None
+        else f"{result.images_per_s:.0f} train images/s"
+    )
     print(
-        f"test accuracy: {final['test_accuracy']:.4f}  (wall {results['wall_s']:.0f} s, "
-        f"{result.images_per_s:.0f} train images/s; results in {args.out})"
+        f"test accuracy: {final['test_accuracy']:.4f}  (wall {results['wall_s']:.0f} s, {rate}; results in {args.out})"
     )
     return results
 

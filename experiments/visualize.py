@@ -187,6 +187,7 @@ def plot_top_patches(run, stages, title):
     run.save_figure(fig, "top_patches.png", dpi=80)
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = outputs.Run(args, argv)

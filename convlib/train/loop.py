@@ -1,9 +1,12 @@
 """The training loop: epochs of compiled steps, per-step/epoch metrics, evaluation, checkpoints and exact resume."""
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -309,32 +312,38 @@ def fit(
     placed = parallel.put_state(state)
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        tick = time.perf_counter()
-        for epoch, batch in _batches(epoch_batches, step, total, steps_per_epoch):
-            batch = parallel.put_batch(batch)
-            placed, metrics = parallel.train_step(placed, batch)
-            metrics = parallel.host_metrics(metrics)
-            step, now = step + 1, time.perf_counter()
-            # the global batch, also when split across devices or processes
-            log.step(step, epoch, metrics, int(batch["label"].size), now - tick)
-            tick = now
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                last = None if checkpointer is None else checkpointer.last_saved
-                raise NonFiniteLossError(step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
-            logged = len(log.records)
-            if eval_every and eval_batches is not None and (step % eval_every == 0 or step == total):
-                _report(bar, progress, log.evaluation(step, epoch, evaluate(parallel, placed, eval_batches())))
-            if step == min(total, (epoch + 1) * steps_per_epoch):  # the epoch ends
-                evaluation = None if eval_every or eval_batches is None else evaluate(parallel, placed, eval_batches())
-                _report(bar, progress, log.epoch(epoch, step, evaluation))
-            if checkpointer is not None and (checkpointer.due(step) or step == total):
-                checkpointer.save(parallel.get_state(placed))
-            if len(log.records) > logged or (checkpointer is not None and checkpointer.last_saved == step):
-                log.write()
-    except KeyboardInterrupt as interrupt:
-        raise _interrupted(parallel, placed, checkpointer, step) from interrupt
+        with _stop_requests() as stop_requested:
+            tick = time.perf_counter()
+            for epoch, batch in _batches(epoch_batches, step, total, steps_per_epoch):
+                batch = parallel.put_batch(batch)
+                placed, metrics = parallel.train_step(placed, batch)
+                metrics = parallel.host_metrics(metrics)
+                step, now = step + 1, time.perf_counter()
+                # the global batch, also when split across devices or processes
+                log.step(step, epoch, metrics, int(batch["label"].size), now - tick)
+                tick = now
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    last = None if checkpointer is None else checkpointer.last_saved
+                    raise NonFiniteLossError(step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
+                logged = len(log.records)
+                if eval_every and eval_batches is not None and (step % eval_every == 0 or step == total):
+                    _report(bar, progress, log.evaluation(step, epoch, evaluate(parallel, placed, eval_batches())))
+                if step == min(total, (epoch + 1) * steps_per_epoch):  # the epoch ends
+                    at_end = None if eval_every or eval_batches is None else evaluate(parallel, placed, eval_batches())
+                    _report(bar, progress, log.epoch(epoch, step, at_end))
+                stopping = stop_requested.is_set()
+                if checkpointer is not None and (checkpointer.due(step) or step == total or stopping):
+                    checkpointer.save(parallel.get_state(placed))
+                if len(log.records) > logged or (checkpointer is not None and checkpointer.last_saved == step):
+                    log.write()
+                if stopping:
+                    raise TrainingInterrupted(step, None if checkpointer is None else checkpointer.last_saved)
+    except KeyboardInterrupt as interrupt:  # a second Ctrl-C, inside a step: the newest checkpoint stands
+        if isinstance(interrupt, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(step, None if checkpointer is None else checkpointer.last_saved) from interrupt
     finally:
         bar.close()
         log.write()
@@ -343,6 +352,27 @@ def fit(
     state = parallel.get_state(placed)
     nnx.update(model, state.params, state.rest)
     return FitResult(model, state, log.records, log.images_per_s(), time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """An event set by Ctrl-C (SIGINT), so that the loop stops after the step under way, with its checkpoint; a
+    second Ctrl-C interrupts at once. Outside the main thread (no signals there) the event is never set."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def request(signum, frame):
+        if requested.is_set():
+            signal.default_int_handler(signum, frame)
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _checked_total(steps_per_epoch, epochs, max_steps, checkpoint_every, eval_every) -> int:
@@ -363,13 +393,3 @@ def _report(bar, progress: bool, record: dict) -> None:
             f"step {record['step']} (epoch {record['epoch'] + 1}): train loss {record['train_loss']:.4f}, "
             f"test accuracy {record['test_accuracy']:.4f}"
         )
-
-
-def _interrupted(parallel, placed, checkpointer: Checkpointer | None, step: int) -> TrainingInterrupted:
-    """Saves the state of the last completed step at a Ctrl-C (when it is intact and there is a folder)."""
-    if checkpointer is not None and checkpointer.last_saved != step:
-        try:
-            checkpointer.save(parallel.get_state(placed))
-        except (RuntimeError, NonFiniteLossError):  # the step was cut off inside its (donating) call
-            pass
-    return TrainingInterrupted(step, None if checkpointer is None else checkpointer.last_saved)

@@ -26,7 +26,7 @@ from experiments.benchmarks import layers, machine, training
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=outputs.HelpFormatter)
+    p = outputs.Parser(__doc__, prog="bench.py")
     p.add_argument("suite", choices=("layers", "training", "all"), help="what to run")
     p.add_argument("--out", default="runs/benchmarks", help="output folder (created if missing)")
     p.add_argument("--name", default=None, help="file stem of the results (default: the machine's short name)")
@@ -146,6 +146,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+@outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
     progress = progress_printer(not args.no_progress)
