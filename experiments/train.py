@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 
+from convlib.data import check_crop_padding
 from convlib.train import distributed
 from experiments import outputs
 
@@ -210,10 +211,10 @@ def parse_args(argv=None, parser: outputs.Parser | None = None) -> argparse.Name
     ):
         if not (math.isfinite(value) and low <= value and (value < high)):
             p.error(f"{flag} must be a finite number in [{low}, {high}), got {value!r}")
-    if args.crop_padding < 0:
-        p.error(f"--crop-padding must be >= 0, got {args.crop_padding}")
-    if not args.crop_padding <= args.input_size // 2:
-        p.error(f"--crop-padding {args.crop_padding} is more than half the --input-size {args.input_size}")
+    try:
+        check_crop_padding(args.crop_padding, args.input_size, args.input_size)
+    except ValueError as error:
+        p.error(f"--crop-padding: {error} (for --input-size {args.input_size})")
     if args.synthetic is not None and args.synthetic < 5:
         p.error(f"--synthetic must be at least 5 (N training and N / 5 test images), got {args.synthetic}")
     if not 0 <= args.seed <= MAX_SEED:

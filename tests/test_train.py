@@ -3,8 +3,10 @@
 Run as a script (``python tests/test_train.py resume-child ...``) it is the child process of the kill-and-resume test.
 """
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,3 +307,125 @@ def test_sigkill_and_resume_reaches_the_same_final_state(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["resume-child"]:
     resume_child(sys.argv[2], sys.argv[3] == "1")
+
+
+# --- checkpoint faults: a resume trusts only verified checkpoints of the same run -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch run with checkpoints at steps 4 and 8 (and its result): each fault test damages a copy."""
+    folder = tmp_path_factory.mktemp("finished")
+    return folder, tiny_fit(str(folder), checkpoint_every=4, run_config=RUN)
+
+
+RUN = {"model": "tiny_cnn", "optimizer": "nesterov", "batch_size": 16}
+
+
+def copy_of(finished_run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run[0], folder)
+    return folder
+
+
+def largest_data_file(step_folder):
+    return max((p for p in (step_folder / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+FAULTS = {
+    # fault name: (damage to the step folder, the file the message must name)
+    "truncated file": (lambda step: truncate(largest_data_file(step)), lambda step: largest_data_file(step).name),
+    "flipped byte": (lambda step: flip_a_byte(largest_data_file(step)), lambda step: largest_data_file(step).name),
+    "missing folder": (lambda step: shutil.rmtree(step / "state"), lambda step: "state"),
+    "garbled metadata": (lambda step: (step / "_CHECKPOINT_METADATA").write_text("{garbled"), lambda step: "METADATA"),
+    "save cut off before its manifest": (lambda step: (step / "convlib.sha256.json").unlink(), lambda step: "sha256"),
+    "garbled manifest": (lambda step: (step / "convlib.sha256.json").write_text("[1,"), lambda step: "sha256"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_intact_one(
+    finished_run, tmp_path, fault
+):
+    folder = copy_of(finished_run, tmp_path)
+    damage, named = FAULTS[fault]
+    step8 = folder / "ckpt" / "8"
+    name = named(step8)
+    damage(step8)
+    with pytest.warns(UserWarning, match=r"checkpoint step 8 is corrupt") as caught:
+        resumed = tiny_fit(str(folder), checkpoint_every=4, run_config=RUN, resume=True)
+    assert name in str(caught[0].message)
+    assert (folder / "ckpt" / "8.corrupt").is_dir()  # kept for inspection, no longer a step
+    # from step 4 the run is replayed exactly: the same final state as the undamaged run
+    a, b = flat_state(finished_run[1].state), flat_state(resumed.state)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(T.Checkpoints(folder / "ckpt").all_steps()) == [4, 8]
+    assert T.Checkpoints(folder / "ckpt").verify(8) is None
+
+
+def test_on_corrupt_stop_refuses_and_moves_nothing(finished_run, tmp_path):
+    folder = copy_of(finished_run, tmp_path)
+    data_file = largest_data_file(folder / "ckpt" / "8")
+    flip_a_byte(data_file)
+    with pytest.raises(T.CorruptCheckpointError, match=rf"step 8 is corrupt: .*{data_file.name}.*SHA-256"):
+        tiny_fit(str(folder), checkpoint_every=4, run_config=RUN, resume=True, on_corrupt_checkpoint="stop")
+    assert (folder / "ckpt" / "8").is_dir() and not (folder / "ckpt" / "8.corrupt").exists()
+
+
+def test_no_intact_checkpoint_left_is_an_error(finished_run, tmp_path):
+    folder = copy_of(finished_run, tmp_path)
+    for step in (4, 8):
+        truncate(largest_data_file(folder / "ckpt" / str(step)))
+    with pytest.warns(UserWarning, match="corrupt"), pytest.raises(T.CorruptCheckpointError, match="no intact"):
+        tiny_fit(str(folder), checkpoint_every=4, run_config=RUN, resume=True)
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(finished_run, tmp_path):
+    folder = copy_of(finished_run, tmp_path)
+    with pytest.raises(ValueError, match=r"different run: batch_size is 16 there, 32 here"):
+        tiny_fit(str(folder), checkpoint_every=4, run_config={**RUN, "batch_size": 32}, resume=True)
+
+
+class WiderCNN(TinyCNN):
+    """TinyCNN with 5 conv features instead of 4: the same arrays by name, other shapes."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv, self.bn = nnx.Conv(1, 5, (3, 3), rngs=rngs), nnx.BatchNorm(5, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.head = nnx.Linear(5, 3, rngs=rngs)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_array(finished_run, tmp_path):
+    folder = copy_of(finished_run, tmp_path)
+    images, labels = synthetic_data()
+    with pytest.raises(
+        ValueError, match=r"step 8 .* different model or optimiser: .params.* is float32\[4\] there, float32\[5\] here"
+    ):
+        T.fit(
+            WiderCNN(rngs=nnx.Rngs(0, dropout=1)),
+            tiny_optimizer(8)[0],
+            epoch_batches_for(images, labels, 16),
+            steps_per_epoch=4,
+            epochs=2,
+            key=jax.random.key(0),
+            checkpoint_dir=folder / "ckpt",
+            resume=True,
+        )
+
+
+def test_metrics_and_json_files_are_strict_json(tmp_path):
+    T.write_json(tmp_path / "r.json", {"loss": float("nan"), "best": [float("inf"), 1.5]})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail) == {
+        "loss": None,
+        "best": [None, 1.5],
+    }

@@ -12,6 +12,7 @@ Typical use::
 from convlib.data.augment import (
     MEAN_STD,
     channel_stats,
+    check_crop_padding,
     normalize,
     pad_images,
     random_crop,
@@ -30,6 +31,7 @@ __all__ = [
     "apt_get_install",
     "batches",
     "channel_stats",
+    "check_crop_padding",
     "default_data_dir",
     "ensure_idx_files",
     "load",

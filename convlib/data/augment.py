@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convlib.ops.checks import check_int, check_key
+
 # Per-channel mean and std of the training split's pixels scaled to [0, 1].
 # Fashion-MNIST is checked against the data by tests/test_data.py; MNIST is the usual value.
 MEAN_STD = {
@@ -56,6 +58,8 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
     _check_nhwc(images)
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
+    if not isinstance(std, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(std) & (std > 0))):
+        raise ValueError(f"std must be positive and finite, got {np.asarray(std).tolist()!r}")
     return (jnp.asarray(images, jnp.float32) / 255.0 - mean) / std
 
 
@@ -78,21 +82,27 @@ def pad_images(images: jax.Array, to: int = 32) -> jax.Array:
     return jnp.pad(images, ((0, 0), (top, to - h - top), (left, to - w - left), (0, 0)))
 
 
+def check_crop_padding(padding, height: int, width: int) -> int:
+    """`padding` if it is an int in [0, min(height, width)): a larger one lets a crop miss the image entirely."""
+    return check_int("padding", padding, minimum=0, maximum=min(height, width) - 1)
+
+
 def random_crop(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
     """Zero-pads by ``padding`` on each side, then crops each image back at a random offset.
 
     Args:
       key: ``jax.random`` key.
       images: (N, H, W, C).
-      padding: pixels added per side; offsets are uniform in [0, 2 * padding].
+      padding: pixels added per side, less than the image's height and width (see :func:`check_crop_padding`);
+        offsets are uniform in [0, 2 * padding].
 
     Returns:
       (N, H, W, C), same dtype.
     """
+    key = check_key("key", key)
     _check_nhwc(images)
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding={padding!r}: expected an int >= 0")
     n, h, w, c = jnp.shape(images)
+    padding = check_crop_padding(padding, h, w)
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
 
@@ -114,6 +124,7 @@ def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
     Returns:
       (N, H, W, C), same dtype.
     """
+    key = check_key("key", key)
     _check_nhwc(images)
     flip = jax.random.bernoulli(key, 0.5, (jnp.shape(images)[0], 1, 1, 1))
     return jnp.where(flip, jnp.flip(images, axis=2), images)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from convlib.ops.checks import check_int
+from convlib.ops.checks import check_bool, check_int, check_key
 
 Transform = Callable[[jax.Array, jax.Array], jax.Array]  # (key, images) -> images
 
@@ -107,7 +107,9 @@ def batches(
     >>> [b["label"].shape for b in batches(jax.random.key(0), images, labels, 4, drop_remainder=False)]
     [(4,), (4,), (2,)]
     """
+    key = check_key("key", key)
     batch_size = check_int("batch_size", batch_size, minimum=1)
+    shuffle, drop_remainder = check_bool("shuffle", shuffle), check_bool("drop_remainder", drop_remainder)
     process_count = check_int("process_count", process_count, minimum=1)
     check_int("process_index", process_index, minimum=0, maximum=process_count - 1)
     if drop_remainder and batch_size % process_count:
@@ -117,6 +119,10 @@ def batches(
         raise ValueError(f"images: expected shape (N, H, W, C), got {images.shape}")
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels: expected shape ({images.shape[0]},), got {labels.shape}")
+    if drop_remainder and batch_size > len(labels):
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {len(labels)} examples: with drop_remainder no batch is left"
+        )
     args = (shuffle, drop_remainder, transform, process_index, process_count)
     return _iterate(key, images, labels, batch_size, *args)
 

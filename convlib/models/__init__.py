@@ -10,7 +10,7 @@ from convlib.models.context import ContextModule, identity_init
 from convlib.models.cost import abstract_model, flops, param_count
 from convlib.models.layer_factory import LayerFactory
 from convlib.models.lenet import C3_TABLE, LeNet5, LeNet5Modern
-from convlib.models.registry import available, create
+from convlib.models.registry import accepted_options, available, create
 from convlib.models.resnet import CifarResNet, ImageNetResNet, ResNet
 from convlib.models.vgg import VGG
 
@@ -26,6 +26,7 @@ __all__ = [
     "LeNet5Modern",
     "ResNet",
     "abstract_model",
+    "accepted_options",
     "available",
     "create",
     "flops",

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convlib import nn
-from convlib.models.classifier import Classifier
+from convlib.models.classifier import Classifier, check_dropout
 from convlib.models.input_size import check_input, check_input_size
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_positive_int
@@ -50,6 +50,7 @@ class AlexNet(nnx.Module):
     ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        num_classes, dropout = check_positive_int("num_classes", num_classes), check_dropout(dropout)
         c1, c2, c3, c4, c5 = (check_positive_int("channels", c) for c in channels)
         kernel, stride, padding = conv1
         self.conv1 = layers.conv(in_channels, c1, kernel, stride=stride, padding=padding)
@@ -74,4 +75,4 @@ class AlexNet(nnx.Module):
         x = jax.nn.relu(self.conv3(x))
         x = jax.nn.relu(self.conv4(x))
         x = self.pool5(jax.nn.relu(self.conv5(x)))
-        return self.classifier(x.reshape(x.shape[0], -1))
+        return self.classifier(nn.flatten(x))

@@ -6,6 +6,12 @@ import jax
 from flax import nnx
 
 from convlib.models.layer_factory import LayerFactory
+from convlib.nn.validation import check_float, check_positive_int
+
+
+def check_dropout(dropout) -> float:
+    """`dropout` as a float in [0, 1): the probability of dropping a unit."""
+    return check_float("dropout", dropout, 0.0, 1.0, open_maximum=True)
 
 
 class Classifier(nnx.Module):
@@ -16,7 +22,8 @@ class Classifier(nnx.Module):
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float, layers: LayerFactory):
-        self.fc1 = layers.linear(in_features, hidden)
+        dropout = check_dropout(dropout)
+        self.fc1 = layers.linear(in_features, check_positive_int("hidden", hidden))
         self.drop1 = layers.dropout(dropout)
         self.fc2 = layers.linear(hidden, hidden)
         self.drop2 = layers.dropout(dropout)

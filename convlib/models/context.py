@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from convlib.models.layer_factory import LayerFactory
-from convlib.nn.validation import check_choice, check_positive_int
+from convlib.nn.validation import check_choice, check_float, check_positive_int
 
 DILATIONS = (1, 1, 2, 4, 8, 16, 1)  # layers 1-7, 3x3; layer 8 is 1x1
 WIDTH_FACTORS = {"basic": (1,) * 8, "large": (2, 2, 4, 8, 16, 32, 32, 1)}
@@ -60,6 +60,7 @@ class ContextModule(nnx.Module):
         param_dtype=jnp.float32,
     ):
         channels = check_positive_int("channels", channels)
+        init_noise = check_float("init_noise", init_noise, minimum=0.0)
         check_choice("size", size, tuple(WIDTH_FACTORS))
         check_choice("init", init, ("identity", "random"))
         layers = LayerFactory(rngs, backward, dtype, param_dtype)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convlib import nn
-from convlib.nn.validation import check_backward
+from convlib.nn.validation import check_backward, check_floating_dtype, check_rngs
 
 BATCH_NORM_MOMENTUM = 0.9  # running average decay; PyTorch's momentum=0.1
 BATCH_NORM_EPSILON = 1e-5
@@ -30,7 +30,10 @@ class LayerFactory:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        check_rngs(self.rngs)
         check_backward(self.backward)
+        object.__setattr__(self, "dtype", check_floating_dtype("dtype", self.dtype, allow_none=True))
+        object.__setattr__(self, "param_dtype", check_floating_dtype("param_dtype", self.param_dtype))
 
     def conv(self, in_features, out_features, kernel_size, **kwargs) -> nn.Conv:
         return nn.Conv(

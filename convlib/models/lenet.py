@@ -1,8 +1,8 @@
 """LeNet-5 (LeCun, Bottou, Bengio and Haffner 1998), faithful and modern.
 
-Both read a 32x32 field; a smaller input (28x28 MNIST / Fashion-MNIST) is
-zero-padded to it inside C1, padding (32 - input_size) / 2 on each side, as the
-paper centred its 28x28 digits in a 32x32 field.
+Both read a 32x32 field; a 28x28 input (MNIST / Fashion-MNIST) is zero-padded
+to it inside C1, by 2 on each side, as the paper centred its 28x28 digits in a
+32x32 field. Those are the two input sizes the nets take.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convlib import nn
 from convlib.models.input_size import check_input, check_input_size
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_choice, check_positive_int
 
 FIELD = 32  # the paper's input field
+INPUT_SIZES = (FIELD, 28)  # the field itself, or MNIST-sized digits centred in it
 
 # Table I: the S2 maps each C3 map reads (3 consecutive x 6, 4 consecutive x 6,
 # 4 non-consecutive x 3, all six x 1), C3 maps in order.
@@ -43,10 +45,11 @@ C3_TABLE = (
 
 
 def c1_padding(input_size: int) -> int:
-    """Zero padding per side that centres an input of `input_size` in the 32x32 field."""
-    input_size = check_input_size(input_size)
-    if input_size > FIELD or (FIELD - input_size) % 2:
-        raise ValueError(f"input_size must be <= {FIELD} and differ from {FIELD} by an even number, got {input_size}")
+    """Zero padding per side that centres an input of `input_size` (32 or 28) in the 32x32 field."""
+    if check_input_size(input_size) not in INPUT_SIZES:
+        raise ValueError(
+            f"input_size must be one of {INPUT_SIZES} (the paper's field, or MNIST's digits), got {input_size}"
+        )
     return (FIELD - input_size) // 2
 
 
@@ -158,6 +161,7 @@ class LeNet5(nnx.Module):
     ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        num_classes = check_positive_int("num_classes", num_classes)
         check_choice("head", head, ("softmax", "rbf"))
         self.c1 = layers.conv(in_channels, 6, 5, padding=c1_padding(input_size), kernel_init=uniform_fan_in)
         self.s2 = Subsampling(6, layers)
@@ -175,7 +179,7 @@ class LeNet5(nnx.Module):
         check_input(x, self.input_size, self.in_channels, "lenet5")
         for layer in (self.c1, self.s2, self.c3, self.s4, self.c5):
             x = scaled_tanh(layer(x))
-        x = scaled_tanh(self.f6(x.reshape(x.shape[0], -1)))
+        x = scaled_tanh(self.f6(nn.flatten(x)))
         return self.output(x)
 
 
@@ -208,6 +212,7 @@ class LeNet5Modern(nnx.Module):
     ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        num_classes = check_positive_int("num_classes", num_classes)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("pool", pool, ("max", "avg"))
         c1, c2 = (check_positive_int("channels", c) for c in channels)
@@ -226,5 +231,5 @@ class LeNet5Modern(nnx.Module):
         act = ACTIVATIONS[self.activation]
         x = self.pool1(act(self.conv1(x)))
         x = self.pool2(act(self.conv2(x)))
-        x = act(self.fc1(x.reshape(x.shape[0], -1)))
+        x = act(self.fc1(nn.flatten(x)))
         return self.fc3(act(self.fc2(x)))

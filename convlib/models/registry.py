@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax.numpy as jnp
 from flax import nnx
 
 from convlib.models import alexnet, context, lenet, resnet, vgg
+from convlib.ops.checks import ArgumentTypeError
 
 
 def _vgg_builders():
@@ -20,16 +22,13 @@ def _vgg_builders():
     return builders
 
 
-def _context(size):
-    def build(*, num_classes, in_channels=None, **options):
-        if in_channels is not None and in_channels != num_classes:
-            raise ValueError(
-                f"the context module maps C feature maps to C (C = num_classes = {num_classes}); "
-                f"in_channels must equal num_classes or be left out, got {in_channels}"
-            )
-        return context.ContextModule(channels=num_classes, size=size, **options)
-
-    return build
+def _context_module(*, size, num_classes, in_channels=None, init="identity", init_noise=1e-3, **common):
+    if in_channels is not None and in_channels != num_classes:
+        raise ValueError(
+            f"the context module maps C feature maps to C (C = num_classes = {num_classes}); "
+            f"in_channels must equal num_classes or be left out, got {in_channels}"
+        )
+    return context.ContextModule(channels=num_classes, size=size, init=init, init_noise=init_noise, **common)
 
 
 _BUILDERS = {
@@ -41,14 +40,44 @@ _BUILDERS = {
     **{f"resnet{d}": functools.partial(resnet.CifarResNet, depth=d) for d in (20, 32, 44, 56, 110)},
     **{f"plain{d}": functools.partial(resnet.CifarResNet, depth=d, residual=False) for d in (20, 32, 44, 56, 110)},
     **{f"resnet{d}": functools.partial(resnet.ImageNetResNet, depth=d) for d in resnet.IMAGENET_DEPTHS},
-    "context_basic": _context("basic"),
-    "context_large": _context("large"),
+    "context_basic": functools.partial(_context_module, size="basic"),
+    "context_large": functools.partial(_context_module, size="large"),
 }
 
 
 def available() -> tuple[str, ...]:
     """The names `create` accepts, sorted."""
     return tuple(sorted(_BUILDERS))
+
+
+def accepted_options(name: str) -> tuple[str, ...]:
+    """The model-specific keyword arguments `create(name, ...)` accepts (beyond the common ones), sorted.
+
+    >>> accepted_options("lenet5_modern")
+    ('activation', 'channels', 'hidden', 'input_size', 'pool')
+    """
+    builder = _BUILDERS[_checked_name(name)]
+    named = NAMED_BY & set(builder.keywords) if isinstance(builder, functools.partial) else set()
+    return tuple(sorted(_keywords(builder) - named - COMMON_OPTIONS))
+
+
+COMMON_OPTIONS = frozenset({"num_classes", "in_channels", "rngs", "backward", "dtype", "param_dtype"})
+NAMED_BY = frozenset({"depth", "residual", "batch_norm", "size"})  # what a name such as "plain56" or "vgg11_bn" fixes
+
+
+def _keywords(builder) -> set[str]:
+    """The keyword parameters of a model class (or a partial of one)."""
+    function = builder.func if isinstance(builder, functools.partial) else builder
+    if inspect.isclass(function):  # NNX modules hide their __init__ signature behind a metaclass
+        function = function.__init__
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+
+
+def _checked_name(name) -> str:
+    if not isinstance(name, str) or name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    return name
 
 
 def create(
@@ -73,9 +102,19 @@ def create(
       **options: the model's own keyword arguments (e.g. `input_size`, `head`,
         `activation`, `config`, `widths`, `shortcut`); see its class.
     The model starts in training mode; `model.eval()` / `model.train()` switch BatchNorm and Dropout.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = create("lenet5_modern", in_channels=1, input_size=28, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 28, 28, 1))).shape
+    (2, 10)
+    >>> create("resnet20", rngs=nnx.Rngs(0), backward="autodiff").fc.kernel.shape
+    (64, 10)
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    accepted = accepted_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ArgumentTypeError(f"unknown option {unknown[0]!r} for {name}; its options: {', '.join(accepted)}")
     if in_channels is not None:
         options["in_channels"] = in_channels
     return _BUILDERS[name](

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convlib.models.layer_factory import LayerFactory
-from convlib.nn.validation import check_choice, check_positive_int
+from convlib.nn.validation import check_bool, check_choice, check_positive_int
 
 SHORTCUTS = ("A", "B")
 
@@ -147,12 +147,12 @@ class ResNet(nnx.Module):
         block = BLOCKS[check_choice("block", block, tuple(BLOCKS))]
         stem = STEMS[check_choice("stem", stem, tuple(STEMS))]
         check_choice("shortcut", shortcut, SHORTCUTS)
-        if not isinstance(residual, bool):
-            raise ValueError(f"residual must be a bool, got {residual!r}")
+        residual = check_bool("residual", residual)
         if len(widths) != len(stage_sizes):
             raise ValueError(f"widths must hold {len(stage_sizes)} ints (one per stage), got {widths!r}")
         widths = tuple(check_positive_int("widths", w) for w in widths)
         stage_sizes = tuple(check_positive_int("stage_sizes", n) for n in stage_sizes)
+        num_classes = check_positive_int("num_classes", num_classes)
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.stem = stem(check_positive_int("in_channels", in_channels), widths[0], layers)
         stages, features = [], widths[0]

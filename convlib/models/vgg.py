@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convlib.models.classifier import Classifier
+from convlib import nn
+from convlib.models.classifier import Classifier, check_dropout
 from convlib.models.input_size import check_input, check_input_size
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_choice, check_positive_int
@@ -89,6 +90,7 @@ class VGG(nnx.Module):
             raise ValueError(f"config {config!r} has depth {DEPTHS[config]}, not depth={depth}")
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
         self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        num_classes, dropout = check_positive_int("num_classes", num_classes), check_dropout(dropout)
         if len(widths) != len(WIDTHS):
             raise ValueError(f"widths must hold {len(WIDTHS)} ints, got {widths!r}")
         widths = tuple(check_positive_int("widths", w) for w in widths)
@@ -105,4 +107,4 @@ class VGG(nnx.Module):
         check_input(x, self.input_size, self.in_channels, "VGG")
         for block in self.blocks:
             x = block(x)
-        return self.classifier(x.reshape(x.shape[0], -1))
+        return self.classifier(nn.flatten(x))

@@ -7,5 +7,6 @@ and passes it to the op; `model.set_attributes(backward=...)` switches a whole m
 from convlib.nn.conv import Conv, he_normal
 from convlib.nn.normalization import LocalResponseNorm
 from convlib.nn.pool import AvgPool, GlobalAvgPool, MaxPool
+from convlib.nn.reshape import flatten
 
-__all__ = ["AvgPool", "Conv", "GlobalAvgPool", "LocalResponseNorm", "MaxPool", "he_normal"]
+__all__ = ["AvgPool", "Conv", "GlobalAvgPool", "LocalResponseNorm", "MaxPool", "flatten", "he_normal"]

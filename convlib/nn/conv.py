@@ -11,10 +11,14 @@ from jax.sharding import PartitionSpec as P
 
 from convlib import ops
 from convlib.nn.validation import (
+    check_axis_name,
     check_backward,
+    check_bool,
+    check_floating_dtype,
     check_layout,
     check_padding_string,
     check_positive_int,
+    check_rngs,
     spatial_ndim,
 )
 from convlib.ops.geometry import promote
@@ -102,8 +106,10 @@ class Conv(nnx.Module):
         self.kernel_size, self.stride, self.dilation = geometry.kernel, geometry.stride, geometry.dilation
         self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
         self.padding_mode = padding_mode
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.output_sharding = output_sharding
+        self.dtype = check_floating_dtype("dtype", dtype, allow_none=True)
+        self.param_dtype = check_floating_dtype("param_dtype", param_dtype)
+        self.output_sharding = check_axis_name("output_sharding", output_sharding)
+        use_bias, rngs = check_bool("use_bias", use_bias), check_rngs(rngs)
 
         shape = geometry.axes.kernel_shape(self.kernel_size, in_features // groups, out_features)
         init = he_normal(self.layout, self.ndim) if kernel_init is None else kernel_init
@@ -154,7 +160,13 @@ class Conv(nnx.Module):
         columns); groups=1: every device reads all input channels (XLA gathers them first).
         """
         axis, axes = self.output_sharding, ops.layout_axes(self.layout, self.ndim)
-        devices = jax.sharding.get_abstract_mesh().shape[axis]
+        mesh_axes = jax.sharding.get_abstract_mesh().shape
+        if axis not in mesh_axes:
+            raise ValueError(
+                f"output_sharding={axis!r} names no axis of the active mesh (axes: {tuple(mesh_axes)}); "
+                "enter one with jax.set_mesh"
+            )
+        devices = mesh_axes[axis]
         if self.groups % devices and self.groups != 1:
             raise ValueError(f"groups={self.groups} must be 1 or divisible by the {devices} devices of {axis!r}")
         split = [None] * x.ndim

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from convlib import ops
-from convlib.nn.validation import check_layout, check_positive_int
+from convlib.nn.validation import check_float, check_layout, check_positive_int
 
 
 class LocalResponseNorm(nnx.Module):
@@ -28,12 +26,8 @@ class LocalResponseNorm(nnx.Module):
 
     def __init__(self, size: int = 5, *, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, layout: str = "NHWC"):
         self.size = check_positive_int("size", size)
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not isinstance(value, numbers.Real) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if not isinstance(k, numbers.Real) or k <= 0:
-            raise ValueError(f"k must be a positive number, got {k!r}")
-        self.alpha, self.beta, self.k = float(alpha), float(beta), float(k)
+        self.alpha, self.beta = check_float("alpha", alpha, minimum=0.0), check_float("beta", beta, minimum=0.0)
+        self.k = check_float("k", k, minimum=0.0, open_minimum=True)
         self.layout = check_layout(layout)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convlib import ops
-from convlib.nn.validation import check_backward, check_layout, check_padding_string, spatial_ndim
+from convlib.nn.reshape import flatten
+from convlib.nn.validation import check_backward, check_bool, check_layout, check_padding_string, spatial_ndim
+from convlib.ops.pool import check_pool_padding
 
 
 class _Pool(nnx.Module):
@@ -25,9 +27,11 @@ class _Pool(nnx.Module):
             padding=0 if isinstance(padding, str) else padding,
             layout=self.layout,
         )
+        if not isinstance(padding, str):
+            check_pool_padding(geometry, padding)
         self.window, self.stride = geometry.kernel, geometry.stride
         self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
-        self.ceil_mode = bool(ceil_mode)
+        self.ceil_mode = check_bool("ceil_mode", ceil_mode)
 
     def _pool(self, x):
         raise NotImplementedError
@@ -84,7 +88,7 @@ class AvgPool(_Pool):
         backward="custom",
     ):
         super().__init__(window, stride, padding, ndim=ndim, ceil_mode=ceil_mode, layout=layout, backward=backward)
-        self.count_include_pad = bool(count_include_pad)
+        self.count_include_pad = check_bool("count_include_pad", count_include_pad)
 
     def _pool(self, x):
         return ops.avg_pool(
@@ -113,4 +117,4 @@ class GlobalAvgPool(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         spatial = tuple(x.shape[a] for a in ops.layout_axes(self.layout, x.ndim - 2).spatial)
         y = ops.avg_pool(x, spatial, layout=self.layout, backward=self.backward)
-        return y.reshape(x.shape[0], -1)
+        return flatten(y)

@@ -5,24 +5,43 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-from convlib.ops.checks import check_choice
+from flax import nnx
+
+from convlib.ops.checks import ArgumentTypeError, check_bool, check_choice, check_float, check_floating_dtype, check_int
 from convlib.ops.geometry import check_backward, check_layout
 
 __all__ = [
+    "check_axis_name",
     "check_backward",
+    "check_bool",
     "check_choice",
+    "check_float",
+    "check_floating_dtype",
     "check_layout",
     "check_padding_string",
     "check_positive_int",
+    "check_rngs",
     "spatial_ndim",
 ]
 
 
 def check_positive_int(name: str, value) -> int:
-    """`value` as an int, or ValueError unless it is an int >= 1."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    """`value` as an int >= 1 (a count or a size)."""
+    return check_int(name, value, minimum=1)
+
+
+def check_rngs(rngs) -> nnx.Rngs:
+    """`rngs` if it is an `nnx.Rngs` (e.g. `nnx.Rngs(0)` or `nnx.Rngs(params=0, dropout=1)`)."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise ArgumentTypeError(f"rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)), got {rngs!r}")
+    return rngs
+
+
+def check_axis_name(name: str, value) -> str | None:
+    """`value` if it is None or a non-empty str (a mesh axis name)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ArgumentTypeError(f"{name} must be None or a mesh axis name (a non-empty str), got {value!r}")
+    return value
 
 
 def spatial_ndim(name: str, size, ndim) -> int:

@@ -1,7 +1,8 @@
 """Argument checks at the API boundary, shared by every floor of convlib.
 
-Each returns the normalised value or raises `TypeError` (wrong kind of value) or `ValueError` (right kind, out of
-range), naming the parameter and the value. One check per fact: every entry point calls these instead of its own.
+Each returns the normalised value or raises :class:`ArgumentTypeError` (wrong kind of value) or `ValueError` (right
+kind, out of range), naming the parameter and the value. One check per fact: every entry point calls these instead of
+its own.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A wrong kind of argument: a `TypeError`, and a `ValueError` too, so that code catching `ValueError` for any bad
+    argument catches it (as NumPy's `AxisError` is both a `ValueError` and an `IndexError`)."""
 
 
 def is_int(value) -> bool:
@@ -26,27 +33,35 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     3
     """
     if not is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int, got {value!r}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name}={value!r} is out of range: expected an int {_range(minimum, maximum)}")
     return int(value)
 
 
 def check_float(
-    name: str, value, minimum: float | None = None, maximum: float | None = None, *, open_maximum: bool = False
+    name: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    open_minimum: bool = False,
+    open_maximum: bool = False,
 ) -> float:
-    """`value` (a real number, not a bool) as a finite float in `[minimum, maximum]` (`maximum` excluded with
-    `open_maximum`).
+    """`value` (a real number, not a bool) as a finite float in `[minimum, maximum]` (a bound excluded with
+    `open_minimum` / `open_maximum`).
 
     >>> check_float("dropout", 0.5, 0.0, 1.0, open_maximum=True)
     0.5
     """
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a number, got {value!r}")
     value = float(value)
+    too_low = minimum is not None and (value <= minimum if open_minimum else value < minimum)
     too_high = maximum is not None and (value >= maximum if open_maximum else value > maximum)
-    if not math.isfinite(value) or (minimum is not None and value < minimum) or too_high:
-        bound = " ".join(("a finite number", _range(minimum, maximum, open_maximum=open_maximum))).strip()
+    if not math.isfinite(value) or too_low or too_high:
+        bound = _range(minimum, maximum, open_minimum=open_minimum, open_maximum=open_maximum)
+        bound = " ".join(("a finite number", bound)).strip()
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return value
 
@@ -58,7 +73,7 @@ def check_bool(name: str, value) -> bool:
     False
     """
     if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
 
 
@@ -86,15 +101,27 @@ def check_floating_dtype(name: str, dtype, *, allow_none: bool = False):
     except TypeError:
         resolved = None
     if resolved is None or dtype is None or not jnp.issubdtype(resolved, jnp.floating):
-        raise TypeError(f"{name} must be a floating dtype (e.g. float32, bfloat16), got {dtype!r}")
+        raise ArgumentTypeError(f"{name} must be a floating dtype (e.g. float32, bfloat16), got {dtype!r}")
     return resolved
 
 
-def _range(minimum, maximum, *, open_maximum: bool = False) -> str:
+def check_key(name: str, key):
+    """`key` if it is a typed PRNG key array (`jax.random.key(seed)`); raw uint32 keys and seeds are refused.
+
+    >>> import jax
+    >>> check_key("key", jax.random.key(0)).shape
+    ()
+    """
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        raise ArgumentTypeError(f"{name} must be a typed PRNG key (jax.random.key(seed)), got {key!r}")
+    return key
+
+
+def _range(minimum, maximum, *, open_minimum: bool = False, open_maximum: bool = False) -> str:
     if minimum is not None and maximum is not None:
-        return f"in [{minimum}, {maximum}{')' if open_maximum else ']'}"
+        return f"in {'(' if open_minimum else '['}{minimum}, {maximum}{')' if open_maximum else ']'}"
     if minimum is not None:
-        return f">= {minimum}"
+        return f"{'>' if open_minimum else '>='} {minimum}"
     if maximum is not None:
         return f"{'<' if open_maximum else '<='} {maximum}"
     return ""

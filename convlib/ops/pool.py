@@ -58,13 +58,19 @@ def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout=
         layout=layout,
         in_spatial=in_spatial,
     )
-    for (lo, hi), k in zip(geometry.padding, geometry.kernel):
-        if not 0 <= lo <= k // 2 or not 0 <= hi <= k // 2:
-            raise ValueError(f"padding must be between 0 and half the window {geometry.kernel}, got {padding!r}")
+    check_pool_padding(geometry, padding)
     if ceil_mode:
         pads = ceil_mode_padding(in_spatial, geometry.padding, geometry.kernel, geometry.stride)
         geometry = dataclasses.replace(geometry, padding=pads)
     return geometry
+
+
+def check_pool_padding(geometry: Geometry, padding) -> None:
+    """Raises ValueError unless every side's padding lies between 0 and half the window (PyTorch's rule: a window
+    must always hold an input element)."""
+    for (lo, hi), k in zip(geometry.padding, geometry.kernel):
+        if not 0 <= lo <= k // 2 or not 0 <= hi <= k // 2:
+            raise ValueError(f"padding must be between 0 and half the window {geometry.kernel}, got {padding!r}")
 
 
 def _reduce(x, init, op, geometry: Geometry):

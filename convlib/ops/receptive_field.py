@@ -32,15 +32,28 @@ class ReceptiveField:
 def receptive_fields(layers: Sequence[Geometry]) -> list[ReceptiveField]:
     """The receptive field after each layer of a stack (the input itself excluded).
 
-    layers: the geometries of the stack, input side first, all with the same `ndim`.
+    layers: the :class:`Geometry` of each layer, input side first, all with the same `ndim` — built by
+      :func:`make_geometry` (a conv's or a pool's kernel, stride, padding and dilation); nothing else is accepted.
+
+    >>> from convlib.ops import make_geometry
+    >>> conv3 = make_geometry(2, 3, padding=1)
+    >>> [f.size for f in receptive_fields([conv3, conv3, make_geometry(2, 2, stride=2)])]
+    [(3, 3), (5, 5), (6, 6)]
+    >>> receptive_field([make_geometry(2, 3, dilation=d, padding=d) for d in (1, 2, 4)]).size
+    (15, 15)
     """
+    if isinstance(layers, Geometry) or not isinstance(layers, Sequence) or isinstance(layers, str):
+        raise TypeError(f"layers must be a sequence of ops.Geometry (see make_geometry), got {layers!r}")
     if not layers:
         raise ValueError("layers must hold at least one Geometry, got an empty sequence")
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, Geometry):
+            raise TypeError(f"layers[{index}] must be an ops.Geometry (see make_geometry), got {layer!r}")
     ndim = layers[0].ndim
     size, jump, start = (1,) * ndim, (1,) * ndim, (0.0,) * ndim
     fields = []
     for index, layer in enumerate(layers):
-        if not isinstance(layer, Geometry) or layer.ndim != ndim:
+        if layer.ndim != ndim:
             raise ValueError(f"layers[{index}] must be a Geometry with {ndim} spatial dims, got {layer!r}")
         start = tuple(
             t + ((k - 1) / 2 - lo) * j for t, k, (lo, _), j in zip(start, layer.effective_kernel, layer.padding, jump)

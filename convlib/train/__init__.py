@@ -5,6 +5,7 @@ from convlib.train.atomic_files import read_jsonl, write_json, write_jsonl
 from convlib.train.checkpoints import Checkpoints
 from convlib.train.loop import (
     Checkpointer,
+    CorruptCheckpointError,
     EpochBatches,
     FitResult,
     MetricsLog,
@@ -29,6 +30,7 @@ __all__ = [
     "SCHEDULES",
     "Checkpointer",
     "Checkpoints",
+    "CorruptCheckpointError",
     "DataParallel",
     "EpochBatches",
     "FitResult",

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,14 +32,33 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def strict_json(obj, **dumps_options) -> str:
+    """``obj`` as strict JSON (RFC 8259): NaN and infinities, which JSON cannot hold, become ``null``.
+
+    >>> strict_json({"loss": float("nan"), "steps": [1, 2]})
+    '{"loss": null, "steps": [1, 2]}'
+    """
+    return json.dumps(_finite(obj), allow_nan=False, **dumps_options)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(value) for value in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes ``obj`` as indented JSON atomically."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Writes ``obj`` as indented strict JSON atomically (see :func:`strict_json`)."""
+    write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """Writes one JSON object per line atomically."""
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    """Writes one strict JSON object per line atomically."""
+    write_text(path, "".join(strict_json(r) + "\n" for r in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

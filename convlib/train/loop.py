@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
 import signal
@@ -17,9 +18,9 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convlib.ops.checks import check_int
+from convlib.ops.checks import ArgumentTypeError, check_bool, check_choice, check_int
 from convlib.train.atomic_files import read_jsonl, write_jsonl
-from convlib.train.checkpoints import Checkpoints
+from convlib.train.checkpoints import Checkpoints, signature
 from convlib.train.losses import CROSS_ENTROPY, Loss
 from convlib.train.parallel import DataParallel, data_parallel
 from convlib.train.state import TrainState, create_train_state
@@ -164,12 +165,37 @@ class MetricsLog:
             write_jsonl(self.path, self.records)
 
 
-class Checkpointer:
-    """Orbax checkpoints of a run: restores on resume, saves every `every` steps (0: only when asked), never a
-    state with non-finite parameters."""
+ON_CORRUPT = ("fall_back", "stop")
+RESUME = (False, True, "require")
 
-    def __init__(self, directory: str | os.PathLike, *, every: int, steps_per_epoch: int):
+
+class CorruptCheckpointError(ValueError):
+    """The checkpoint a resume would continue from fails its checksums (and ``on_corrupt="stop"``, or no intact one
+    is left)."""
+
+
+class Checkpointer:
+    """Orbax checkpoints of a run: restores on resume (only verified checkpoints of the same run), saves every
+    `every` steps (0: only when asked), never a state with non-finite parameters.
+
+    `run`: a JSON description of the run (model, recipe, data) saved with each checkpoint; a resume whose `run`
+    differs is refused. `on_corrupt`: a newest checkpoint failing its checksums is set aside (renamed
+    ``<step>.corrupt``) and the run falls back to the newest intact one ("fall_back"), or stops ("stop").
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int,
+        steps_per_epoch: int,
+        run: dict | None = None,
+        on_corrupt: str = "fall_back",
+    ):
         self.directory, self.every, self.steps_per_epoch = os.fspath(directory), every, steps_per_epoch
+        self.on_corrupt = check_choice("on_corrupt", on_corrupt, ON_CORRUPT)
+        # as it reads back from the JSON metadata (tuples become lists); refuses what JSON cannot hold
+        self.run = None if run is None else json.loads(json.dumps(run, allow_nan=False))
         self._checkpoints = Checkpoints(directory)
         self.last_saved = self._checkpoints.latest_step()
 
@@ -190,12 +216,36 @@ class Checkpointer:
                 f"checkpoint_dir {self.directory!r} already holds a checkpoint (step {self.last_saved}); "
                 "pass resume=True to continue it, or choose an empty folder"
             )
-        state, meta = self._checkpoints.restore(state)
+        step = self._newest_intact()
+        meta = self._checkpoints.meta(step)
         if meta["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(
                 f"steps_per_epoch={self.steps_per_epoch} differs from the checkpoint's {meta['steps_per_epoch']}"
             )
-        return state
+        if self.run is not None and meta.get("run", self.run) != self.run:
+            saved = meta["run"]
+            key = next(k for k in sorted(saved.keys() | self.run.keys()) if saved.get(k) != self.run.get(k))
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory!r} belongs to a different run: {key} is "
+                f"{saved.get(key)!r} there, {self.run.get(key)!r} here"
+            )
+        return self._checkpoints.restore(state, step)[0]
+
+    def _newest_intact(self) -> int:
+        """The newest checkpoint that passes its checksums; sets aside (or, with "stop", refuses) newer ones."""
+        for step in sorted(self._checkpoints.all_steps(), reverse=True):
+            problem = self._checkpoints.verify(step)
+            if problem is None:
+                self.last_saved = step
+                return step
+            if self.on_corrupt == "stop":
+                raise CorruptCheckpointError(f"checkpoint step {step} is corrupt: {problem}")
+            moved = self._checkpoints.set_aside(step)
+            warnings.warn(f"checkpoint step {step} is corrupt: {problem}; set aside as {moved.name}", stacklevel=4)
+        self.last_saved = None
+        raise CorruptCheckpointError(
+            f"no intact checkpoint left in {self.directory!r} (the corrupt ones are set aside)"
+        )
 
     def save(self, state: TrainState) -> None:
         """Saves `state` (on the host) under its step, with where the data stands; refuses non-finite parameters."""
@@ -204,6 +254,7 @@ class Checkpointer:
             raise NonFiniteLossError(step, "parameters", self.last_saved)
         epoch, batch = divmod(step, self.steps_per_epoch)
         meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "steps_per_epoch": self.steps_per_epoch}
+        meta |= {"signature": signature(state)} | ({} if self.run is None else {"run": self.run})
         self._checkpoints.save(state, meta)
         self.last_saved = step
 
@@ -253,6 +304,8 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool | str = False,
+    run_config: dict | None = None,
+    on_corrupt_checkpoint: str = "fall_back",
     metrics_path: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> FitResult:
@@ -276,7 +329,13 @@ def fit(
       checkpoint_dir: Orbax checkpoints, every ``checkpoint_every`` steps (0: none on the way), at the end, and at
         a Ctrl-C. A folder that already holds one raises ``ValueError`` unless ``resume``: then the run continues
         from the newest and reaches the same final state as an uninterrupted run. ``resume=True`` with no
-        checkpoint warns and starts at step 0; ``resume="require"`` raises ``FileNotFoundError`` instead.
+        checkpoint warns and starts at step 0; ``resume="require"`` raises ``FileNotFoundError`` instead. A resume
+        restores only a checkpoint that passes its checksums: a corrupt newest one is set aside with a warning
+        naming the step and the file, and the run continues from the newest intact one
+        (``on_corrupt_checkpoint="stop"``: raises ``CorruptCheckpointError``); one made by another model or
+        optimiser (other arrays) is refused.
+      run_config: a JSON description of the run (model, recipe, data), saved with each checkpoint; a resume with a
+        different one is refused with a ``ValueError`` naming the first key that differs.
       metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end, evaluation and
         checkpoint; every process reads it back on resume. Step records: ``{"kind": "step", "step", "epoch",
         "loss", "accuracy", "grad_norm", "learning_rate", "batch_size", "time_s", "images_per_s", "timed"}``
@@ -293,6 +352,11 @@ def fit(
       ValueError: bad arguments, too few batches in an epoch, or a checkpoint that does not fit.
     """
     total = _checked_total(steps_per_epoch, epochs, max_steps, checkpoint_every, eval_every)
+    if not any(resume is choice for choice in RESUME):
+        raise ValueError(f"resume must be one of {RESUME}, got {resume!r}")
+    progress = check_bool("progress", progress)
+    if not isinstance(loss, Loss):
+        raise ArgumentTypeError(f"loss must be a convlib.train.Loss (CROSS_ENTROPY or rbf(j)), got {loss!r}")
     started = time.perf_counter()
     graphdef, state = create_train_state(model, tx, key)
     parallel = data_parallel(
@@ -305,7 +369,13 @@ def fit(
     )
     checkpointer = None
     if checkpoint_dir is not None:
-        checkpointer = Checkpointer(checkpoint_dir, every=checkpoint_every, steps_per_epoch=steps_per_epoch)
+        checkpointer = Checkpointer(
+            checkpoint_dir,
+            every=checkpoint_every,
+            steps_per_epoch=steps_per_epoch,
+            run=run_config,
+            on_corrupt=on_corrupt_checkpoint,
+        )
         state = checkpointer.restore(state, resume)
     step = int(state.step)
     log = MetricsLog(metrics_path, resumed_at=step)

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import jax
 import optax
 
+from convlib.ops.checks import check_choice, check_float, check_int
+
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "piecewise", "cosine")
 
@@ -15,6 +17,12 @@ def decay_kernels_only(params) -> object:
     params: any pytree of arrays (e.g. the ``nnx.State`` of ``nnx.Param``s); returns the same tree of bools.
     """
     return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def check_learning_rate(learning_rate) -> None:
+    """Raises unless `learning_rate` is a positive finite number or a schedule (a callable `step -> lr`)."""
+    if not callable(learning_rate):
+        check_float("learning_rate", learning_rate, minimum=0.0, open_minimum=True)
 
 
 def make_schedule(
@@ -36,16 +44,19 @@ def make_schedule(
     - ``"cosine"``: linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then cosine decay to ``end_lr`` at
       ``total_steps``.
     """
-    if base_lr <= 0:
-        raise ValueError(f"base_lr must be positive, got {base_lr!r}")
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+    check_choice("schedule", name, SCHEDULES)
+    base_lr = check_float("base_lr", base_lr, minimum=0.0, open_minimum=True)
+    total_steps = check_int("total_steps", total_steps, minimum=1)
+    warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+    decay_factor = check_float("decay_factor", decay_factor, minimum=0.0)
+    end_lr = check_float("end_lr", end_lr, minimum=0.0)
     if name == "constant":
         return optax.constant_schedule(base_lr)
     if name == "piecewise":
         if boundaries is None:
             boundaries = (total_steps // 2, (3 * total_steps) // 4)
-        if any(b <= 0 for b in boundaries) or list(boundaries) != sorted(boundaries):
+        boundaries = [check_int("boundaries", b) for b in boundaries]
+        if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
             raise ValueError(f"boundaries must be positive and increasing, got {tuple(boundaries)!r}")
         return optax.piecewise_constant_schedule(base_lr, {int(b): decay_factor for b in boundaries})
     if name == "cosine":
@@ -75,10 +86,10 @@ def make_optimizer(
     ``decay_mask``: a pytree of bools or a callable ``params -> pytree of bools`` choosing the decayed parameters;
     by default kernels only (biases and BatchNorm parameters are left out). ``None`` decays every parameter.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    check_choice("optimizer", name, OPTIMIZERS)
+    check_learning_rate(learning_rate)
+    weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
+    momentum = check_float("momentum", momentum, 0.0, 1.0, open_maximum=True)
     if name == "adamw":
         return optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask)
     if name in ("sgd", "nesterov"):

@@ -51,9 +51,7 @@ class Recipe:
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_float("learning_rate", self.learning_rate, minimum=0.0)
-        if self.learning_rate == 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        check_float("learning_rate", self.learning_rate, minimum=0.0, open_minimum=True)
         check_float("momentum", self.momentum, 0.0, 1.0, open_maximum=True)
         check_float("weight_decay", self.weight_decay, minimum=0.0)
         check_int("warmup_steps", self.warmup_steps, minimum=0)

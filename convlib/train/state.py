@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from convlib.ops.checks import ArgumentTypeError, check_key
+
 
 class TrainState(NamedTuple):
     """step: () int32, number of updates done; params: ``nnx.State`` of the model's ``nnx.Param``s;
@@ -30,7 +32,18 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.Param, ...)
 
 
+def check_model(model) -> nnx.Module:
+    """`model` if it is an NNX module (e.g. from :func:`convlib.models.create`)."""
+    if not isinstance(model, nnx.Module):
+        raise ArgumentTypeError(f"model must be an nnx.Module (e.g. convlib.models.create(...)), got {model!r}")
+    return model
+
+
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array):
     """``(graphdef, state)`` for ``model`` at step 0; ``key``: a typed PRNG key (``jax.random.key``)."""
+    check_model(model)
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ArgumentTypeError(f"tx must be an optax.GradientTransformation (e.g. optax.sgd(0.1)), got {tx!r}")
+    key = check_key("key", key)
     graphdef, params, rest = split_model(model)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), key)
