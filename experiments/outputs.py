@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
-from convlib.train import NonFiniteLossError, TrainingInterrupted, write_json
+from convlib.train import CheckpointError, NonFiniteLossError, TrainingInterrupted, write_json
 from convlib.train.atomic_files import atomic_path, write_text
 
 SIZES = ("smoke", "default", "full")
@@ -58,14 +59,24 @@ class Parser(argparse.ArgumentParser):
 def script(main: Callable) -> Callable:
     """The entry wrapper of every script's `main(argv)`: a training run stopped by non-finite values ends with one
     line naming the step and what was kept (exit 1), Ctrl-C with one line saying what a resume continues from
-    (exit 130); anything else (a bug) keeps its traceback."""
+    (exit 130), a checkpoint that cannot be resumed with one line naming it (exit 2); warnings are one line each;
+    anything else (a bug) keeps its traceback."""
 
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None):
         module = main.__module__
         prog = os.path.basename(sys.argv[0]) if module == "__main__" else module.rsplit(".", 1)[-1] + ".py"
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+
         try:
-            return main(argv)
+            with warnings.catch_warnings():
+                warnings.showwarning = one_line
+                return main(argv)
+        except CheckpointError as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         except NonFiniteLossError as error:
             print(f"{prog}: stopped: {error}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -16,6 +16,7 @@ process sees. See the README, "Training on several machines".
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -152,7 +153,15 @@ def make_parser() -> outputs.Parser:
         default=None,
         choices=("auto", "require"),
         help="continue from the newest intact checkpoint in --checkpoint-dir; bare --resume (auto) starts afresh, "
-        "with a warning, when there is none; --resume=require stops instead",
+        "with a warning, when there is none; --resume=require stops instead. A checkpoint of other flags (model, "
+        "data, recipe, batch size, steps, seed) is refused",
+    )
+    add(
+        "--on-corrupt-checkpoint",
+        default="fall-back",
+        choices=("fall-back", "stop"),
+        help="on --resume, when the newest checkpoint fails its checksums: set it aside (renamed <step>.corrupt) "
+        "and continue from the newest intact one, or stop",
     )
     add("--no-progress", action="store_true", help="no progress bar")
     add(
@@ -362,6 +371,8 @@ def main(argv=None) -> dict:
         checkpoint_dir=args.checkpoint_dir or os.path.join(args.out, "checkpoints"),
         checkpoint_every=args.checkpoint_every,
         resume=job["resume"],
+        run_config=job["run_config"],
+        on_corrupt_checkpoint=args.on_corrupt_checkpoint.replace("-", "_"),
         metrics_path=metrics + INCOMPLETE,  # process 0 writes it; every process reads it back on resume
         progress=primary and not args.no_progress,
     )
@@ -373,6 +384,25 @@ def main(argv=None) -> dict:
 # While a run trains, its log is metrics.jsonl.incomplete; it becomes metrics.jsonl with the results, so no reader
 # (or --resume) takes a failed or interrupted run's log for a finished one's.
 METRICS, INCOMPLETE = "metrics.jsonl", ".incomplete"
+
+
+def run_config(args: argparse.Namespace, recipe, total_steps: int) -> dict:
+    """What a checkpoint of this run must have been made with to be resumed: everything that changes the maths
+    (not how it is computed: --backward, --parallel and the folders may change between a run and its resume)."""
+    data_source = {"synthetic": args.synthetic} if args.synthetic else {"dataset": args.dataset}
+    return {
+        "model": args.model,
+        "model_options": args.model_options,
+        **data_source,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "total_steps": total_steps,
+        "loss": args.loss,
+        "rbf_j": args.rbf_j,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "recipe": dataclasses.asdict(recipe),
+    }
 
 
 def set_up(args: argparse.Namespace) -> dict:
@@ -449,6 +479,7 @@ def set_up(args: argparse.Namespace) -> dict:
     mean, std = data.MEAN_STD[args.dataset]
     return {
         "resume": resume,
+        "run_config": run_config(args, recipe, total_steps),
         "model": model,
         "recipe": recipe,
         "tx": tx,

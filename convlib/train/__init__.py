@@ -2,10 +2,9 @@
 data parallelism (pmap / NamedSharding / shard_map), metrics logs and plots. Takes any NNX module and any batches."""
 
 from convlib.train.atomic_files import read_jsonl, write_json, write_jsonl
-from convlib.train.checkpoints import Checkpoints
+from convlib.train.checkpoints import CheckpointError, CheckpointMismatchError, Checkpoints, CorruptCheckpointError
 from convlib.train.loop import (
     Checkpointer,
-    CorruptCheckpointError,
     EpochBatches,
     FitResult,
     MetricsLog,
@@ -28,6 +27,8 @@ __all__ = [
     "OPTIMIZERS",
     "PARALLEL_MODES",
     "SCHEDULES",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "Checkpointer",
     "Checkpoints",
     "CorruptCheckpointError",

@@ -27,6 +27,18 @@ from convlib.train.state import TrainState, is_prng_key
 MANIFEST = "convlib.sha256.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that a resume cannot continue from."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """It fails its checksums (with ``on_corrupt="stop"``), or no intact checkpoint is left."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """It was made by another model, optimiser or run."""
+
+
 def _keys_to_data(state: TrainState) -> TrainState:
     """Typed PRNG keys -> their raw uint32 data (Orbax stores plain arrays)."""
     return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, state)
@@ -140,7 +152,7 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
         saved = self.meta(step).get("signature")
         if saved is not None and saved != signature(like):
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self._manager.directory} {_difference(saved, signature(like))}"
             )
         restored = self._manager.restore(

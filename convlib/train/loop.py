@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from convlib.ops.checks import ArgumentTypeError, check_bool, check_choice, check_int
 from convlib.train.atomic_files import read_jsonl, write_jsonl
-from convlib.train.checkpoints import Checkpoints, signature
+from convlib.train.checkpoints import CheckpointMismatchError, Checkpoints, CorruptCheckpointError, signature
 from convlib.train.losses import CROSS_ENTROPY, Loss
 from convlib.train.parallel import DataParallel, data_parallel
 from convlib.train.state import TrainState, create_train_state
@@ -169,11 +169,6 @@ ON_CORRUPT = ("fall_back", "stop")
 RESUME = (False, True, "require")
 
 
-class CorruptCheckpointError(ValueError):
-    """The checkpoint a resume would continue from fails its checksums (and ``on_corrupt="stop"``, or no intact one
-    is left)."""
-
-
 class Checkpointer:
     """Orbax checkpoints of a run: restores on resume (only verified checkpoints of the same run), saves every
     `every` steps (0: only when asked), never a state with non-finite parameters.
@@ -219,13 +214,13 @@ class Checkpointer:
         step = self._newest_intact()
         meta = self._checkpoints.meta(step)
         if meta["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"steps_per_epoch={self.steps_per_epoch} differs from the checkpoint's {meta['steps_per_epoch']}"
             )
         if self.run is not None and meta.get("run", self.run) != self.run:
             saved = meta["run"]
             key = next(k for k in sorted(saved.keys() | self.run.keys()) if saved.get(k) != self.run.get(k))
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory!r} belongs to a different run: {key} is "
                 f"{saved.get(key)!r} there, {self.run.get(key)!r} here"
             )
