@@ -386,9 +386,10 @@ def main(argv=None) -> dict:
 METRICS, INCOMPLETE = "metrics.jsonl", ".incomplete"
 
 
-def run_config(args: argparse.Namespace, recipe, total_steps: int) -> dict:
-    """What a checkpoint of this run must have been made with to be resumed: everything that changes the maths
-    (not how it is computed: --backward, --parallel and the folders may change between a run and its resume)."""
+def run_config(args: argparse.Namespace, recipe) -> dict:
+    """What a checkpoint of this run must have been made with to be resumed: everything that changes the maths but
+    the run's length (a resume may extend a run with --steps or --epochs); not how it is computed (--backward,
+    --parallel and the folders may change between a run and its resume)."""
     data_source = {"synthetic": args.synthetic} if args.synthetic else {"dataset": args.dataset}
     return {
         "model": args.model,
@@ -396,7 +397,6 @@ def run_config(args: argparse.Namespace, recipe, total_steps: int) -> dict:
         **data_source,
         "input_size": args.input_size,
         "batch_size": args.batch_size,
-        "total_steps": total_steps,
         "loss": args.loss,
         "rbf_j": args.rbf_j,
         "dtype": args.dtype,
@@ -479,7 +479,7 @@ def set_up(args: argparse.Namespace) -> dict:
     mean, std = data.MEAN_STD[args.dataset]
     return {
         "resume": resume,
-        "run_config": run_config(args, recipe, total_steps),
+        "run_config": run_config(args, recipe),
         "model": model,
         "recipe": recipe,
         "tx": tx,

@@ -51,18 +51,16 @@ def available() -> tuple[str, ...]:
 
 
 def accepted_options(name: str) -> tuple[str, ...]:
-    """The model-specific keyword arguments `create(name, ...)` accepts (beyond the common ones), sorted.
+    """The model-specific keyword arguments `create(name, ...)` accepts (beyond the common ones), sorted; those the
+    name presets (e.g. `depth` of "resnet20") may be overridden too.
 
     >>> accepted_options("lenet5_modern")
     ('activation', 'channels', 'hidden', 'input_size', 'pool')
     """
-    builder = _BUILDERS[_checked_name(name)]
-    named = NAMED_BY & set(builder.keywords) if isinstance(builder, functools.partial) else set()
-    return tuple(sorted(_keywords(builder) - named - COMMON_OPTIONS))
+    return tuple(sorted(_keywords(_BUILDERS[_checked_name(name)]) - COMMON_OPTIONS))
 
 
 COMMON_OPTIONS = frozenset({"num_classes", "in_channels", "rngs", "backward", "dtype", "param_dtype"})
-NAMED_BY = frozenset({"depth", "residual", "batch_norm", "size"})  # what a name such as "plain56" or "vgg11_bn" fixes
 
 
 def _keywords(builder) -> set[str]:
