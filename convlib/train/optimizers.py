@@ -6,7 +6,9 @@ import jax
 import optax
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+"""The names :func:`make_optimizer` takes."""
 SCHEDULES = ("constant", "piecewise", "cosine")
+"""The names :func:`make_schedule` takes."""
 
 
 def decay_kernels_only(params) -> object:
