@@ -4,6 +4,7 @@ and each package has its reference page. `make docs` runs this before `mkdocs bu
 import ast
 import importlib
 import inspect
+import itertools
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def attribute_docstrings(package) -> dict[str, str]:
     found = {}
     for path in Path(package.__file__).parent.glob("*.py"):
         body = ast.parse(path.read_text()).body
-        for node, after in zip(body, body[1:]):
+        for node, after in itertools.pairwise(body):
             is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
             if is_doc and isinstance(after.value.value, str) and isinstance(node, ast.Assign | ast.AnnAssign):
                 for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
