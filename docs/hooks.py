@@ -27,7 +27,7 @@ RESULTS = ROOT / "experiments" / "results"
 CONSOLE = re.compile(r"^```console\n(.*?)^```$", re.M | re.S)
 PYTHON = re.compile(r"^<!-- run -->\n```python\n(.*?)^```$", re.M | re.S)
 TIMEOUT_S = 180
-MAX_LINES = 40
+MAX_LINES = 200
 
 
 def on_files(files, config):
@@ -52,7 +52,7 @@ def _run(argv: list[str], shown: str, out: str) -> str:
         raise PluginError(f"`{shown}` ran past {TIMEOUT_S} s") from error
     if done.returncode != 0:
         raise PluginError(f"`{shown}` exited {done.returncode}:\n{done.stderr[-2000:]}")
-    lines = done.stdout.rstrip("\n").split("\n")
+    lines = done.stdout.replace(out, "$OUT").rstrip("\n").split("\n")
     if len(lines) > MAX_LINES:
         lines = [*lines[:MAX_LINES], f"... ({len(lines) - MAX_LINES} more lines)"]
     return "\n".join(lines)

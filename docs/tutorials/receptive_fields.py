@@ -122,8 +122,8 @@ assert h_grid == 25 and covered_grid < 0.3
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
-for name, sizes in table.items():
-    axes[0].plot(range(1, 6), sizes, marker="o", label=name)
+for (name, sizes), style in zip(table.items(), ("o-", "s-", "^-", "D-", "x--")):
+    axes[0].plot(range(1, 6), sizes, style, label=name)  # stride 2 and doubling dilations coincide: dashed
 axes[0].set(xlabel="depth (layers, or conv+pool blocks)", ylabel="receptive field (input pixels, one side)")
 axes[0].set_yscale("log", base=2)
 axes[0].set_title("computed = measured through gradients")

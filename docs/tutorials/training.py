@@ -101,12 +101,12 @@ classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 fig, axes = plt.subplots(2, 7, figsize=(13, 4.2), constrained_layout=True)
 limit = np.abs(kernels).max()
-for c in range(6):
+for c in range(6):  # one colour scale per row, so that kernels and maps compare
     shown = axes[0, c].imshow(kernels[:, :, c], cmap="RdBu_r", vmin=-limit, vmax=limit)
     axes[0, c].set_title(f"C1 kernel {c}")
-    feature = axes[1, c].imshow(maps[:, :, c], cmap="magma")
+    feature = axes[1, c].imshow(maps[:, :, c], cmap="magma", vmin=0, vmax=maps.max())
     axes[1, c].set_title(f"map {c}")
-fig.colorbar(shown, ax=axes[0, 6], label="weight (per normalised input unit)")
+fig.colorbar(shown, ax=axes[0, :6].tolist(), label="weight (per normalised input unit)", shrink=0.8)
 axes[0, 6].axis("off")
 axes[1, 6].imshow(np.asarray(image[0, :, :, 0]), cmap="gray")
 axes[1, 6].set_title(f"input: {classes[int(test_y[0])]}")
