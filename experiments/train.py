@@ -12,7 +12,7 @@ test accuracy.
 Several processes (hosts) train one model with --parallel sharding: run the same command on every host, adding
 --coordinator HOST:PORT (process 0's address) --num-processes N --process-id I, or --coordinator auto under SLURM,
 Open MPI or on a TPU pod slice. Process 0 alone writes --out's files; --checkpoint-dir must be storage every
-process sees. See the README, "Training on several machines".
+process sees. See docs/guides/distributed.md, "Training on several machines".
 """
 
 import argparse

@@ -18,6 +18,7 @@ MEAN_STD = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "mnist": ((0.1307,), (0.3081,)),
 }
+"""Per-channel `(mean, std)` of each dataset's training images, in [0, 1] units (for :func:`normalize`)."""
 
 
 def _check_nhwc(images) -> None:

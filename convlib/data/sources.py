@@ -40,6 +40,7 @@ IDX_SOURCES = {
     ),
     "mnist": IdxSource(url="https://storage.googleapis.com/cvdf-datasets/mnist/"),
 }
+"""Where :func:`ensure_idx_files` looks for each dataset's IDX files besides `source_dir`."""
 
 
 def apt_get_install(package: str) -> bool:

@@ -1,7 +1,7 @@
 """The classic architectures as Flax NNX modules, built by name: `create(name, ...)`.
 
 Names (`available()`): lenet5, lenet5_modern, alexnet, alexnet_small,
-vgg{11,13,16,19}[_bn][_small], resnet{20,32,44,56,110}, plain{20,32,44,56,110},
+`vgg{11,13,16,19}[_bn][_small]`, resnet{20,32,44,56,110}, plain{20,32,44,56,110},
 resnet{18,34,50,101,152}, context_basic, context_large.
 """
 

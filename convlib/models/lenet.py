@@ -42,6 +42,7 @@ C3_TABLE = (
     (0, 2, 3, 5),
     (0, 1, 2, 3, 4, 5),
 )
+"""LeNet-5's Table I: for each of the 16 C3 maps, the S2 maps it reads."""
 
 
 def c1_padding(input_size: int) -> int:

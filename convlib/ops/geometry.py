@@ -22,6 +22,8 @@ from convlib.ops.checks import check_choice, is_int
 LAYOUTS = ("NHWC", "NCHW")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 BACKWARDS = ("custom", "textbook", "autodiff")
+"""The values of `backward=`: "custom" (hand-derived, fastest exact formulation), "textbook" (the lecture's
+formulas as written) and "autodiff" (JAX's own rules)."""
 
 Pairs = tuple[tuple[int, int], ...]
 Size = int | Sequence[int]  # one int for every spatial dim, or one per dim

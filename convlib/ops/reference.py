@@ -100,6 +100,7 @@ def conv_lax(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -
 
 
 IMPLEMENTATIONS = {"loops": conv_loops, "im2col": conv_im2col, "lax": conv_lax}
+"""The lecture's three implementations by name, as :func:`conv_by` takes them."""
 
 
 def conv_by(method: str, x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:

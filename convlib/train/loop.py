@@ -28,6 +28,7 @@ from convlib.train.steps import Augment, Preprocess, make_eval_step, make_train_
 
 # epoch -> the batches of that epoch, in an order that depends only on (seed, epoch), so a resumed run sees the same.
 EpochBatches = Callable[[int], Iterable[dict]]
+"""`epoch -> iterable of {"image": (B, H, W, C), "label": (B,)}` batches, as :func:`fit` takes them."""
 
 
 class NonFiniteLossError(FloatingPointError):

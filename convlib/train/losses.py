@@ -39,6 +39,7 @@ def rbf_loss(distances: jax.Array, labels: jax.Array, j: float) -> jax.Array:
 
 
 CROSS_ENTROPY = Loss("cross_entropy", softmax_cross_entropy, lambda logits: jnp.argmax(logits, axis=-1))
+"""Softmax cross-entropy on logits, predicting the arg-max: the default :class:`Loss`."""
 
 
 def rbf(j: float = 1.0) -> Loss:

@@ -8,7 +8,9 @@ import optax
 from convlib.ops.checks import check_choice, check_float, check_int
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+"""The names :func:`make_optimizer` takes."""
 SCHEDULES = ("constant", "piecewise", "cosine")
+"""The names :func:`make_schedule` takes."""
 
 
 def decay_kernels_only(params) -> object:

@@ -31,6 +31,7 @@ from convlib.ops.checks import check_choice
 from convlib.train.state import TrainState, is_prng_key
 
 PARALLEL_MODES = ("none", "pmap", "sharding", "shard_map")
+"""The names :func:`data_parallel` (and :func:`convlib.train.fit`'s `parallel`) takes."""
 AXIS = "data"
 
 
