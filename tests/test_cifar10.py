@@ -296,3 +296,32 @@ def test_failure_mid_generation_leaves_nothing(tmp_path, monkeypatch):
     assert_nothing_prepared(data_dir)
     with pytest.raises(FileNotFoundError, match=cifar.ARCHIVE):
         data.load("cifar10", data_dir=data_dir)  # no sources, nothing prepared: no dataset found
+
+
+# --- the scripts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["train", "degradation"])
+def test_scripts_say_where_to_put_a_missing_archive(tmp_path, script, capsys):
+    import importlib
+
+    out = tmp_path / "out"
+    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "tfds"), "--out", str(out)]
+    with pytest.raises(SystemExit) as raised:
+        importlib.import_module(f"experiments.{script}").main(flags)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{script}.py: error: CIFAR-10 not found")
+    assert cifar.ARCHIVE in err[0] and "downloads/manual" in err[0]
+    assert not out.exists()
+
+
+def test_train_script_trains_on_cifar10(tmp_path):
+    from experiments import train as train_script
+
+    write_archive(tmp_path / "src" / cifar.ARCHIVE, official_batches())
+    flags = ["--dataset", "cifar10", "--source-dir", str(tmp_path / "src"), "--data-dir", str(tmp_path / "tfds")]
+    results = train_script.main(
+        [*flags, "--out", str(tmp_path / "out"), "--batch-size", "4", "--steps", "2", "--flip", "--no-progress"]
+    )
+    assert 0 <= results["test_accuracy"] <= 1 and results["steps"] == 2

@@ -83,13 +83,38 @@ def test_implementations(tmp_path):
 
 
 def test_degradation(tmp_path):
-    r = run_smoke("degradation", tmp_path)
+    r = run_smoke("degradation", tmp_path, "--depths", "8,14", "--seeds", "3,5", "--recipe", "he2016")
     assert_files(tmp_path, "curves.csv", "degradation.png")
-    assert [m["model"] for m in r["models"]] == ["plain8", "resnet8"]
+    assert r["seeds"] == [3, 5]
+    assert [(m["model"], m["seed"]) for m in r["models"]] == [
+        (f"{family}{depth}", seed) for seed in (3, 5) for family in ("plain", "resnet") for depth in (8, 14)
+    ]
     for m in r["models"]:
         assert 0 <= m["final_test_error"] <= 1 and 0 <= m["final_train_error"] <= 1
-    plain8, resnet8 = r["models"]
-    assert plain8["parameters"] == resnet8["parameters"]  # option-A shortcuts add no parameters
+        assert m["curve"][-1]["step"] == r["config"]["steps"]
+    by_model = {(m["model"], m["seed"]): m for m in r["models"]}
+    assert by_model[("plain8", 3)]["parameters"] == by_model[("resnet8", 3)]["parameters"]  # option A: no parameters
+    assert r["recipe"]["momentum"] == 0.9 and r["recipe"]["weight_decay"] == 1e-4
+    assert not r["recipe"]["flip"]  # He et al.'s flips stay off on Fashion-MNIST('s synthetic stand-in)
+    assert set(r["summary"]["claims"]) == {
+        "plain-14 training error above plain-8's",
+        "plain-14 test error above plain-8's",
+        "ResNet-14 training error at or below ResNet-8's",
+    }
+    assert r["git"]["commit"] and r["machine"]["cpu_cores"] >= 1
+
+
+def test_degradation_recipes_scale_to_the_run():
+    degradation = script("degradation")
+    assert degradation.parse_args([]).seeds == degradation.parse_args(["--full"]).seeds == [0, 1]
+    assert degradation.parse_args(["--full"]).recipe == "he2016"
+    he = degradation.RECIPES["he2016"]
+    assert (he.steps, he.batch_size, he.recipe.learning_rate) == (64_000, 128, 0.1)
+    assert he.recipe.boundaries == (32_000, 48_000) and he.recipe.warmup_steps == 0
+    assert he.recipe.crop_padding == 4 and he.recipe.flip and he.recipe.optimizer == "sgd"
+    assert he.for_run(64_000, flip=True) == he.recipe
+    half = he.for_run(32_000, flip=False)
+    assert half.boundaries == (16_000, 24_000) and not half.flip
 
 
 def test_visualize(tmp_path):
@@ -120,6 +145,9 @@ def test_groups(tmp_path):
         ("receptive_field", ["--depth", "0"]),
         ("implementations", ["--repeats", "-1"]),
         ("degradation", ["--depths", "21"]),
+        ("degradation", ["--seeds", "0,0"]),
+        ("degradation", ["--recipe", "he2015"]),
+        ("degradation", ["--dataset", "cifar100"]),
         ("visualize", ["--from-run", "/nonexistent"]),
         ("groups", ["--widths", "3,5,7"]),
         ("groups", ["--smoke", "--full"]),
