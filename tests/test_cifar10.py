@@ -322,6 +322,18 @@ def test_train_script_trains_on_cifar10(tmp_path):
     write_archive(tmp_path / "src" / cifar.ARCHIVE, official_batches())
     flags = ["--dataset", "cifar10", "--source-dir", str(tmp_path / "src"), "--data-dir", str(tmp_path / "tfds")]
     results = train_script.main(
-        [*flags, "--out", str(tmp_path / "out"), "--batch-size", "4", "--steps", "2", "--flip", "--no-progress"]
+        [
+            *flags,
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup-epochs",
+            "0",
+            "--flip",
+            "--no-progress",
+        ]
     )
     assert 0 <= results["test_accuracy"] <= 1 and results["steps"] == 2
