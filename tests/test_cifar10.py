@@ -337,3 +337,19 @@ def test_train_script_trains_on_cifar10(tmp_path):
         ]
     )
     assert 0 <= results["test_accuracy"] <= 1 and results["steps"] == 2
+
+
+def test_experiments_load_cifar10_in_colour(tmp_path):
+    import argparse
+
+    from experiments import fashion_training
+
+    batches = official_batches()
+    write_archive(tmp_path / "src" / cifar.ARCHIVE, batches)
+    args = argparse.Namespace(synthetic=False, size="default", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src")
+    dataset = fashion_training.load(args, train_size=6, test_size=None, pad_to=32, name="cifar10")
+    assert dataset.name == "cifar10" and dataset.train.images.shape == (6, 32, 32, 3)
+    np.testing.assert_array_equal(dataset.test.images, expected(batches, "test")[0])
+    x = np.asarray(fashion_training.preprocess(dataset.test.images, "cifar10"))
+    mean, std = data.MEAN_STD["cifar10"]
+    np.testing.assert_allclose(x[..., 2], (expected(batches, "test")[0][..., 2] / 255 - mean[2]) / std[2], atol=1e-5)
