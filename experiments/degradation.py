@@ -152,7 +152,7 @@ def plot(run, rows, args, dataset_name, machine):
             label = f"{'plain' if family == 'plain' else 'ResNet'}-{depth}"
             for split, style, width in (("train", "--", 1.2), ("test", "-", 2.0)):
                 mean, low, high = (100 * np.array(a[f"{split}_{k}"]) for k in ("mean", "min", "max"))
-                ax.plot(a["step"], mean, style, color=color, lw=width, label=f"{label} {split}")
+                ax.plot(a["step"], mean, style, color=color, lw=width, marker=".", label=f"{label} {split}")
                 ax.fill_between(a["step"], low, high, color=color, alpha=0.15, lw=0)
         ax.set_xlabel("iterations")
         ax.set_title(f"{'plain' if family == 'plain' else 'residual'} nets, widths {'-'.join(map(str, args.widths))}")
