@@ -1,10 +1,11 @@
-"""Brief training runs of the experiments: Fashion-MNIST (or a synthetic stand-in of the same shape, for smoke
-tests) through `convlib.data`, trained with `convlib.train.fit`, evaluated at a few points along the way."""
+"""Brief training runs of the experiments: Fashion-MNIST or CIFAR-10 (or a synthetic Fashion-MNIST-shaped stand-in,
+for smoke tests) through `convlib.data`, trained with `convlib.train.fit`, evaluated at a few points along the way."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -15,15 +16,16 @@ NUM_CLASSES = 10
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data-dir, --source-dir and --synthetic."""
+    """--data-dir, --source-dir and --synthetic (the dataset itself is the script's choice)."""
     parser.add_argument(
         "--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
     )
     parser.add_argument(
         "--source-dir",
         default=None,
-        help="folder with the four Fashion-MNIST IDX files "
-        "(default: the Debian package's /usr/share/datasets/fashion-mnist)",
+        help="Fashion-MNIST: folder with the four IDX files (default: the Debian package's "
+        "/usr/share/datasets/fashion-mnist); CIFAR-10: cifar-10-python.tar.gz, its extracted folder or a folder "
+        "holding either (default: DATA_DIR/downloads/manual)",
     )
     parser.add_argument(
         "--synthetic",
@@ -34,7 +36,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    images: jax.Array  # uint8 (N, H, W, 1)
+    images: jax.Array  # uint8 (N, H, W, C)
     labels: jax.Array  # int32 (N,)
 
 
@@ -42,7 +44,7 @@ class Split:
 class Dataset:
     train: Split
     test: Split
-    name: str  # "fashion_mnist" or "synthetic"
+    name: str  # "fashion_mnist", "cifar10" or "synthetic"
 
 
 def synthetic_images(seed: int, n: int, *, template_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,27 +62,35 @@ def synthetic_images(seed: int, n: int, *, template_seed: int = 0) -> tuple[np.n
 
 
 def load(
-    args: argparse.Namespace, *, train_size: int | None, test_size: int | None, pad_to: int | None = None, seed: int = 0
+    args: argparse.Namespace,
+    *,
+    train_size: int | None,
+    test_size: int | None,
+    pad_to: int | None = None,
+    seed: int = 0,
+    name: str = "fashion_mnist",
 ) -> Dataset:
-    """The first `train_size` / `test_size` examples (None: all) of Fashion-MNIST, on device, optionally
-    zero-padded to `pad_to` x `pad_to`; synthetic images with `args.synthetic` or `args.size == "smoke"`."""
+    """The first `train_size` / `test_size` examples (None: all) of dataset `name` (see `convlib.data.load`), on
+    device, optionally zero-padded to `pad_to` x `pad_to`; synthetic images with `args.synthetic` or
+    `args.size == "smoke"`."""
     synthetic = args.synthetic or args.size == "smoke"
 
-    def split(name, size):
+    def split(split_name, size):
         if synthetic:
-            images, labels = synthetic_images(seed + (name == "test"), size or 1000)
+            images, labels = synthetic_images(seed + (split_name == "test"), size or 1000)
         else:
-            images, labels = data.load("fashion_mnist", name, data_dir=args.data_dir, source_dir=args.source_dir)
+            images, labels = data.load(name, split_name, data_dir=args.data_dir, source_dir=args.source_dir)
             images, labels = images[:size], labels[:size]
         images = jax.device_put(images)
         return Split(images if pad_to is None else data.pad_images(images, to=pad_to), jax.device_put(labels))
 
-    return Dataset(split("train", train_size), split("test", test_size), "synthetic" if synthetic else "fashion_mnist")
+    return Dataset(split("train", train_size), split("test", test_size), "synthetic" if synthetic else name)
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 images -> float32 normalised with Fashion-MNIST's mean and standard deviation."""
-    mean, std = data.MEAN_STD["fashion_mnist"]
+def preprocess(images: jax.Array, dataset: str = "fashion_mnist") -> jax.Array:
+    """uint8 images (N, H, W, C) -> float32, normalised with the per-channel mean and standard deviation of
+    `dataset` (a name of `convlib.data.MEAN_STD`; "synthetic": Fashion-MNIST's)."""
+    mean, std = data.MEAN_STD["fashion_mnist" if dataset == "synthetic" else dataset]
     return data.normalize(images, mean, std)
 
 
@@ -127,7 +137,7 @@ def fit(
         max_steps=steps,
         key=train_key,
         learning_rate=schedule,
-        preprocess=preprocess,
+        preprocess=functools.partial(preprocess, dataset=dataset.name),
         augment=recipe.augment(),
         eval_batches=lambda: data.batches(
             key,

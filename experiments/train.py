@@ -61,12 +61,19 @@ def make_parser() -> outputs.Parser:
         help="gradients of conv and pool: the hand-derived custom_vjp backward, its textbook variant, or JAX's "
         "autodiff (see convlib.nn)",
     )
-    add("--dataset", choices=("fashion_mnist", "mnist"), default="fashion_mnist", help="dataset (28x28 grey)")
+    add(
+        "--dataset",
+        choices=("fashion_mnist", "mnist", "cifar10"),
+        default="fashion_mnist",
+        help="dataset (fashion_mnist, mnist: 28x28 grey; cifar10: 32x32 colour, from cifar-10-python.tar.gz)",
+    )
     add("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     add(
         "--source-dir",
         default=None,
-        help="folder with the four IDX files (default: the Debian package's folder, else a download)",
+        help="fashion_mnist, mnist: folder with the four IDX files (default: the Debian package's folder, else a "
+        "download); cifar10: cifar-10-python.tar.gz, its extracted folder, or a folder holding either (default: "
+        "DATA_DIR/downloads/manual; never downloaded)",
     )
     add(
         "--synthetic",
@@ -80,7 +87,7 @@ def make_parser() -> outputs.Parser:
         "--input-size",
         type=int,
         default=32,
-        help="image side fed to the model: the 28x28 images are zero-padded "
+        help="image side fed to the model: smaller images (28x28) are zero-padded "
         "(centred) to it; 32 suits every model's default, 28 needs --model-option input_size=28",
     )
     add(
@@ -451,7 +458,7 @@ def set_up(args: argparse.Namespace) -> dict:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
-        warmup_steps=warmup_steps,
+        warmup_steps=warmup_steps if args.schedule == "cosine" else 0,  # --warmup-epochs is the cosine's
         boundaries=args.lr_boundaries,
         decay_factor=args.lr_decay,
         crop_padding=args.crop_padding,
@@ -476,7 +483,7 @@ def set_up(args: argparse.Namespace) -> dict:
         )
     resume = resumable(args)
     take_up_finished_log(args)
-    mean, std = data.MEAN_STD[args.dataset]
+    mean, std = data.MEAN_STD["fashion_mnist" if args.synthetic else args.dataset]  # synthetic: its shape
     return {
         "resume": resume,
         "run_config": run_config(args, recipe),

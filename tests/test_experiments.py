@@ -83,13 +83,61 @@ def test_implementations(tmp_path):
 
 
 def test_degradation(tmp_path):
-    r = run_smoke("degradation", tmp_path)
+    r = run_smoke("degradation", tmp_path, "--depths", "8,14", "--seeds", "3", "--recipe", "he2016")
     assert_files(tmp_path, "curves.csv", "degradation.png")
-    assert [m["model"] for m in r["models"]] == ["plain8", "resnet8"]
+    assert r["seeds"] == [3]
+    assert [(m["model"], m["seed"]) for m in r["models"]] == [
+        (f"{family}{depth}", 3) for family in ("plain", "resnet") for depth in (8, 14)
+    ]
     for m in r["models"]:
         assert 0 <= m["final_test_error"] <= 1 and 0 <= m["final_train_error"] <= 1
-    plain8, resnet8 = r["models"]
-    assert plain8["parameters"] == resnet8["parameters"]  # option-A shortcuts add no parameters
+        assert m["curve"][-1]["step"] == r["config"]["steps"]
+    by_model = {(m["model"], m["seed"]): m for m in r["models"]}
+    assert by_model[("plain8", 3)]["parameters"] == by_model[("resnet8", 3)]["parameters"]  # option A: no parameters
+    assert r["recipe"]["momentum"] == 0.9 and r["recipe"]["weight_decay"] == 1e-4
+    assert not r["recipe"]["flip"]  # He et al.'s flips stay off on Fashion-MNIST('s synthetic stand-in)
+    assert set(r["summary"]["claims"]) == {
+        "plain-14 training error above plain-8's",
+        "plain-14 test error above plain-8's",
+        "ResNet-14 training error at or below ResNet-8's",
+    }
+    assert r["git"]["commit"] and r["machine"]["cpu_cores"] >= 1
+
+
+def test_degradation_aggregates_over_seeds():
+    degradation = script("degradation")
+
+    def curve(*errors):
+        return [{"step": 10 * (i + 1), "train_error": e, "test_error": 2 * e} for i, e in enumerate(errors)]
+
+    rows = [
+        {"model": "plain8", "seed": 0, "final_train_error": 0.4, "final_test_error": 0.8, "curve": curve(0.5, 0.4)},
+        {"model": "plain8", "seed": 1, "final_train_error": 0.2, "final_test_error": 0.4, "curve": curve(0.3, 0.2)},
+    ]
+    a = degradation.aggregate(rows, "plain8")
+    assert a["step"] == [10, 20]
+    assert a["train_mean"] == pytest.approx([0.4, 0.3]) and a["test_max"] == pytest.approx([1.0, 0.8])
+    assert a["train_min"] == pytest.approx([0.3, 0.2])
+    deeper = [{**r, "model": "plain14", "final_train_error": r["final_train_error"] + 0.1} for r in rows]
+    residual = [{**r, "model": f"resnet{d}"} for r in rows for d in (8, 14)]
+    summary = degradation.summarize(rows + deeper + residual, [8, 14])
+    assert summary["mean over seeds"]["plain: 14 minus 8, final train error"] == pytest.approx(0.1)
+    assert summary["claims"]["plain-14 training error above plain-8's"]
+    assert not summary["claims"]["plain-14 test error above plain-8's"]
+    assert summary["claims"]["ResNet-14 training error at or below ResNet-8's"]  # equal counts as at or below
+
+
+def test_degradation_recipes_scale_to_the_run():
+    degradation = script("degradation")
+    assert degradation.parse_args([]).seeds == degradation.parse_args(["--full"]).seeds == [0, 1]
+    assert degradation.parse_args(["--full"]).recipe == "he2016"
+    he = degradation.RECIPES["he2016"]
+    assert (he.steps, he.batch_size, he.recipe.learning_rate) == (64_000, 128, 0.1)
+    assert he.recipe.boundaries == (32_000, 48_000) and he.recipe.warmup_steps == 0
+    assert he.recipe.crop_padding == 4 and he.recipe.flip and he.recipe.optimizer == "sgd"
+    assert he.for_run(64_000, flip=True) == he.recipe
+    half = he.for_run(32_000, flip=False)
+    assert half.boundaries == (16_000, 24_000) and not half.flip
 
 
 def test_visualize(tmp_path):
@@ -120,6 +168,9 @@ def test_groups(tmp_path):
         ("receptive_field", ["--depth", "0"]),
         ("implementations", ["--repeats", "-1"]),
         ("degradation", ["--depths", "21"]),
+        ("degradation", ["--seeds", "0,0"]),
+        ("degradation", ["--recipe", "he2015"]),
+        ("degradation", ["--dataset", "cifar100"]),
         ("visualize", ["--from-run", "/nonexistent"]),
         ("groups", ["--widths", "3,5,7"]),
         ("groups", ["--smoke", "--full"]),

@@ -121,6 +121,15 @@ def test_piecewise_schedule_values_at_boundaries():
     assert float(default(31_999)) == pytest.approx(0.1) and float(default(48_000)) == pytest.approx(0.001)
 
 
+def test_piecewise_schedule_warm_up():
+    """He et al.'s ResNet-110 recipe: 0.01 for the first steps, then 0.1, /10 at 32k and 48k."""
+    schedule = T.make_schedule("piecewise", 0.1, total_steps=64_000, boundaries=(32_000, 48_000), warmup_steps=400)
+    values = {s: float(schedule(s)) for s in (0, 399, 400, 31_999, 32_000, 48_000)}
+    assert values == pytest.approx({0: 0.01, 399: 0.01, 400: 0.1, 31_999: 0.1, 32_000: 0.01, 48_000: 0.001})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        T.make_schedule("piecewise", 0.1, total_steps=10, warmup_steps=10)
+
+
 def test_cosine_and_constant_schedules():
     schedule = T.make_schedule("cosine", 0.2, total_steps=100, warmup_steps=10)
     assert float(schedule(0)) == 0.0

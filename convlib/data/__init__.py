@@ -1,4 +1,4 @@
-"""Datasets through TFDS (offline IDX builder) and the device-side input pipeline.
+"""Datasets through TFDS (offline builders: IDX files, the CIFAR-10 python archive) and the device-side pipeline.
 
 Typical use::
 
@@ -18,14 +18,17 @@ from convlib.data.augment import (
     random_crop,
     random_flip,
 )
-from convlib.data.datasets import IdxImages, default_data_dir, load, prepare
+from convlib.data.cifar import read_cifar10
+from convlib.data.datasets import DATASETS, Cifar10Images, IdxImages, default_data_dir, load, prepare
 from convlib.data.idx import read_idx, read_idx_split
 from convlib.data.pipeline import batches, pipeline_throughput
 from convlib.data.sources import IDX_SOURCES, IdxSource, apt_get_install, ensure_idx_files
 
 __all__ = [
+    "DATASETS",
     "IDX_SOURCES",
     "MEAN_STD",
+    "Cifar10Images",
     "IdxImages",
     "IdxSource",
     "apt_get_install",
@@ -41,6 +44,7 @@ __all__ = [
     "prepare",
     "random_crop",
     "random_flip",
+    "read_cifar10",
     "read_idx",
     "read_idx_split",
 ]

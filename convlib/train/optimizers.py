@@ -11,6 +11,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 """The names :func:`make_optimizer` takes."""
 SCHEDULES = ("constant", "piecewise", "cosine")
 """The names :func:`make_schedule` takes."""
+PIECEWISE_WARMUP = 0.1  # the piecewise schedule's warm-up runs at base_lr x this
 
 
 def decay_kernels_only(params) -> object:
@@ -42,7 +43,8 @@ def make_schedule(
     - ``"constant"``: ``base_lr`` throughout.
     - ``"piecewise"``: ``base_lr``, multiplied by ``decay_factor`` at each of ``boundaries`` (steps). The default
       boundaries are 1/2 and 3/4 of ``total_steps``: He et al. (2016) use 0.1, /10 at 32k and 48k of 64k iterations.
-      The new value applies from the boundary step on.
+      The new value applies from the boundary step on. With ``warmup_steps``, the first ``warmup_steps`` run at
+      ``base_lr / 10`` (He et al.'s warm-up of ResNet-110: 0.01 until training starts, then 0.1).
     - ``"cosine"``: linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then cosine decay to ``end_lr`` at
       ``total_steps``.
     """
@@ -60,7 +62,13 @@ def make_schedule(
         boundaries = [check_int("boundaries", b) for b in boundaries]
         if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
             raise ValueError(f"boundaries must be positive and increasing, got {tuple(boundaries)!r}")
-        return optax.piecewise_constant_schedule(base_lr, {int(b): decay_factor for b in boundaries})
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
+        scales = {int(b): decay_factor for b in boundaries}
+        if not warmup_steps:
+            return optax.piecewise_constant_schedule(base_lr, scales)
+        scales[warmup_steps] = scales.get(warmup_steps, 1.0) / PIECEWISE_WARMUP
+        return optax.piecewise_constant_schedule(base_lr * PIECEWISE_WARMUP, scales)
     if name == "cosine":
         if not 0 <= warmup_steps < total_steps:
             raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")

@@ -28,7 +28,8 @@ class Recipe:
       momentum: of "sgd" / "nesterov", in [0, 1).
       weight_decay: of the kernels (biases and BatchNorm parameters are not decayed), >= 0.
       schedule: "cosine" (linear warm-up over `warmup_steps`, cosine decay to 0 at the run's end), "piecewise"
-        (times `decay_factor` at each of `boundaries`, default 1/2 and 3/4 of the run) or "constant".
+        (`learning_rate / 10` for the first `warmup_steps`, then times `decay_factor` at each of `boundaries`,
+        default 1/2 and 3/4 of the run) or "constant".
       crop_padding: random crops after zero-padding each side by this many pixels (0: none).
       flip: random left-right flips.
 
