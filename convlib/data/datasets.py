@@ -237,3 +237,4 @@ def load(
 
 
 DATASETS = ("cifar10", *(c.name for c in IdxImages.BUILDER_CONFIGS))
+"""The names :func:`load` takes: "cifar10" (the official python archive) and the IDX datasets."""
