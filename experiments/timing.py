@@ -14,6 +14,14 @@ from collections.abc import Callable
 
 import jax
 
+from convlib.ops.plan import compiler_options
+
+
+def jit(fn: Callable, **kwargs) -> Callable:
+    """`jax.jit` with convlib's measured compile options for the default backend (as `convlib.train` compiles its
+    steps), so that every mode of a benchmark is timed as training runs it."""
+    return jax.jit(fn, compiler_options=compiler_options(jax.default_backend()), **kwargs)
+
 
 def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, warmup: int = 1) -> dict[str, dict]:
     """Median wall and CPU milliseconds of each `fn(*args)` in `calls` (name -> (fn, args)), after `warmup`

@@ -1,6 +1,6 @@
-"""The faster exact backward formulations (`backward="custom"`, convlib.ops.fast_backward) against the textbook
-one, JAX's autodiff and the NumPy loop reference, in float64 over the whole configuration space; and a smoke run
-of the benchmark suite."""
+"""The faster exact formulations (`backward="custom"`: convlib.ops.fast_backward and fast_forward) against the
+textbook one, JAX's autodiff and the NumPy loop reference, in float64 over the whole configuration space; and a
+smoke run of the benchmark suite."""
 
 import json
 
@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from convlib import ops
-from convlib.ops import fast_backward, plan
+from convlib.ops import fast_backward, fast_forward, plan, textbook
 from convlib.ops.geometry import conv_geometry
 from convlib.ops.textbook import input_gradient, weight_gradient
 from convlib.ops.windows import pad_input
@@ -52,6 +52,16 @@ def as_depthwise(config, multiplier):
     return x_shape, (c_in * multiplier, 1, *w_shape[2:]), {**kwargs, "groups": c_in}
 
 
+@st.composite
+def blockable_configs(draw):
+    """(x_shape, w_shape, has_bias, padding) of a 2-D stride-1 NHWC conv, float64-sized tiny."""
+    kernel = tuple(draw(st.integers(1, 5)) for _ in range(2))
+    padding = tuple((draw(st.integers(-1, 3)), draw(st.integers(-1, 3))) for _ in range(2))
+    spatial = tuple(draw(st.integers(max(k - lo - hi, 1), k + 5)) for k, (lo, hi) in zip(kernel, padding))
+    c_in, c_out, batch = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([0, 1, 2]))
+    return (batch, *spatial, c_in), (*kernel, c_in, c_out), draw(st.booleans()), padding
+
+
 @pytest.mark.usefixtures("x64_class")
 class TestExact:
     @settings(max_examples=30)
@@ -61,6 +71,8 @@ class TestExact:
         x, w, b = random_arrays(seed, x_shape, w_shape, has_bias, kwargs["layout"])
         y = ops.conv(x, w, b, **kwargs)
         g = np.random.default_rng(seed + 1).standard_normal(y.shape)
+        for mode in ("textbook", "autodiff"):
+            np.testing.assert_allclose(ops.conv(x, w, b, **kwargs, backward=mode), y, rtol=RTOL, atol=ATOL)
         custom, textbook, autodiff = (gradients(m, x, w, b, kwargs, g) for m in ("custom", "textbook", "autodiff"))
         for c, t, a in zip(custom, textbook, autodiff):
             if c is None:
@@ -93,6 +105,20 @@ class TestExact:
         expected = input_gradient(g, w, geometry, in_spatial)
         dx = jax.jit(fast_backward.input_gradient_by_phases, static_argnums=(2, 3))(g, w, geometry, in_spatial)
         np.testing.assert_allclose(dx, expected, rtol=RTOL, atol=ATOL)
+
+    @settings(max_examples=20)
+    @given(conv_configs(), st.integers(2, 8), st.integers(0, 2**16))
+    def test_input_gradient_with_padded_channels(self, config, multiple, seed):
+        """dX through zero filters up to a multiple of channels equals the textbook one, in both layouts, 1-3-D,
+        strided or not."""
+        x_shape, w_shape, _, kwargs = config
+        assume(kwargs["groups"] == 1)
+        x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
+        in_spatial = geometry.spatial_shape(x.shape)
+        dx = jax.jit(fast_backward.input_gradient_with_padded_channels, static_argnums=(2, 3, 4))(
+            g, w, geometry, in_spatial, multiple
+        )
+        np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
 
     @settings(max_examples=20)
     @given(conv_configs(), st.integers(1, 2), st.integers(0, 2**16))
@@ -129,6 +155,8 @@ class TestExact:
                 "dX phases, dW chunks of 8",
             ),
             ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW chunks of 8"),
+            ("NHWC", dict(batch=4, spatial=(10, 10), c_in=6, c_out=16, kernel=5), "dX padded to 8s, dW textbook"),
+            ("NCHW", dict(batch=3, spatial=(7,), c_in=5, c_out=2, kernel=3, padding=1), "dX padded to 8s, dW textbook"),
             (
                 "NHWC",
                 dict(batch=40, spatial=(2, 2), c_in=3, c_out=2, kernel=3, padding=1),
@@ -178,6 +206,44 @@ class TestExact:
             np.testing.assert_allclose(c, t, rtol=RTOL, atol=ATOL)
         planned = plan.plan(conv_geometry(x, w, **kwargs), x_shape, w_shape, "cpu")
         assert str(planned) == expected
+
+    @settings(max_examples=40)
+    @given(blockable_configs(), st.integers(0, 2**16))
+    def test_forward_by_space_to_depth(self, config, seed):
+        """The space-to-depth forward equals the textbook forward and the float64 loop oracle, on every 2-D
+        stride-1 NHWC conv (kernels 1 to 5, odd and even sizes, negative padding, empty batches)."""
+        x_shape, w_shape, has_bias, padding = config
+        x, w, b = random_arrays(seed, x_shape, w_shape, has_bias, "NHWC")
+        geometry = conv_geometry(x, w, b, padding=padding)
+        x, w = jnp.asarray(x), jnp.asarray(w)
+        b = None if b is None else jnp.asarray(b)
+        y = jax.jit(fast_forward.forward_by_space_to_depth, static_argnums=3)(x, w, b, geometry)
+        np.testing.assert_allclose(y, textbook.forward(x, w, b, geometry), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(y, ops.conv_loops(x, w, b, padding=padding), rtol=RTOL, atol=ATOL)
+
+    @pytest.mark.parametrize(
+        "x_shape, w_shape, kwargs, expected",
+        [
+            ((4, 32, 32, 1), (5, 5, 1, 6), {}, "space_to_depth"),  # LeNet C1
+            ((4, 32, 32, 3), (3, 3, 3, 16), {"padding": 1}, "space_to_depth"),  # ResNet stem
+            ((4, 14, 14, 6), (5, 5, 6, 16), {}, "space_to_depth"),  # LeNet C3
+            ((4, 32, 32, 3), (3, 3, 3, 64), {"padding": 1}, "textbook"),  # VGG's first conv: measured slower
+            ((4, 32, 32, 8), (3, 3, 8, 16), {"padding": 1}, "textbook"),
+            ((4, 32, 32, 3), (3, 3, 3, 16), {"stride": 2}, "textbook"),
+            ((4, 32, 32, 3), (3, 3, 3, 16), {"dilation": 2}, "textbook"),
+            ((4, 32, 32, 2), (1, 1, 2, 16), {}, "textbook"),
+            ((4, 3, 32, 32), (16, 3, 3, 3), {"layout": "NCHW"}, "textbook"),
+            ((4, 32, 3), (3, 3, 16), {}, "textbook"),
+        ],
+    )
+    def test_forward_plan(self, x_shape, w_shape, kwargs, expected):
+        """The measured forward rule, and `backward="custom"` through it equal to the textbook forward."""
+        x, w, b = random_arrays(0, x_shape, w_shape, True, kwargs.get("layout", "NHWC"))
+        geometry = conv_geometry(x, w, b, **kwargs)
+        assert str(plan.forward_plan(geometry, x_shape, w_shape, "cpu")) == expected
+        assert str(plan.forward_plan(geometry, x_shape, w_shape, "cuda")) == "textbook"
+        custom = ops.conv(x, w, b, **kwargs, backward="custom")
+        np.testing.assert_allclose(custom, ops.conv(x, w, b, **kwargs, backward="textbook"), rtol=RTOL, atol=ATOL)
 
     def test_other_backends_run_the_textbook_formulation(self):
         geometry = conv_geometry(np.zeros((64, 8, 8, 1)), np.zeros((3, 3, 1, 32)), stride=2)

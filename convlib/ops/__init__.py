@@ -1,8 +1,8 @@
 """Pure functions: convolution and pooling with hand-derived backward passes.
 
 Imports jax and numpy only; usable on its own. Its modules form one chain, each using only those before it:
-checks -> geometry -> windows -> textbook -> fast_backward -> plan -> conv; pool, reference and receptive_field
-beside conv.
+checks -> geometry -> windows -> textbook -> fast_forward, fast_backward -> plan -> conv; pool, reference and
+receptive_field beside conv.
 """
 
 from convlib.ops.conv import conv, conv_transpose, convolve

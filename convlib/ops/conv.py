@@ -2,9 +2,9 @@
 and :func:`conv_transpose`.
 
 The forward and the backward formulas are in :mod:`convlib.ops.textbook`; `backward` picks who computes the
-gradients, through one table: "textbook" (the lecture's formulas, always), "custom" (the same sums in the order
-:mod:`convlib.ops.plan` measured fastest on this platform), or "autodiff" (JAX's own transpose rules of the
-forward, no `custom_vjp`).
+gradients, through one table each for the forward and the backward: "textbook" (the lecture's formulas, always),
+"custom" (the same sums in the order :mod:`convlib.ops.plan` measured fastest on this platform), or "autodiff"
+(the textbook forward with JAX's own transpose rules, no `custom_vjp`).
 """
 
 from __future__ import annotations
@@ -34,17 +34,19 @@ from convlib.ops.geometry import (
 from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.windows import pad_input
 
+FORWARDS = {"textbook": textbook.forward, "custom": plan.planned_forward}
+"""`(x, w, b, geometry) -> Y` of each hand-derived mode."""
 GRADIENTS = {"textbook": textbook.gradients, "custom": plan.planned_gradients}
 """`(geometry, x, w, g) -> (dE/dX, dE/dW)` of each hand-derived backward."""
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv(x, w, b, geometry: Geometry, backward: str):
-    return textbook.forward(x, w, b, geometry)
+    return FORWARDS[backward](x, w, b, geometry)
 
 
 def _conv_fwd(x, w, b, geometry, backward):
-    return textbook.forward(x, w, b, geometry), (x, w, b)
+    return FORWARDS[backward](x, w, b, geometry), (x, w, b)
 
 
 def _conv_bwd(geometry, backward, residuals, g):

@@ -7,7 +7,8 @@ sums in another order and skips only the products with the zeros the textbook in
 float rounding. Which one runs where is :mod:`convlib.ops.plan`'s business, not this module's: here are only the
 timeless maths.
 
-- dX: :func:`input_gradient_by_phases` (no zero insertion), :func:`depthwise_input_gradient` (tap by tap);
+- dX: :func:`input_gradient_by_phases` (no zero insertion), :func:`depthwise_input_gradient` (tap by tap),
+  :func:`input_gradient_with_padded_channels` (the textbook conv with zero filters up to a multiple of channels);
 - dW: :func:`weight_gradient_by_chunks` (batch chunks), :func:`depthwise_weight_gradient` (tap by tap);
 - lowerings (:class:`Lowering`): :data:`PER_GROUP` (a grouped conv as independent convs), :data:`DEPTH_TAPS`
   (a 3-D conv as 2-D convs, one per depth tap).
@@ -117,6 +118,18 @@ def _phase_gradient(g, w, geometry: Geometry, phases):
 
 
 # --------------------------------------------------------------------------- weight gradient by batch chunks
+
+
+def input_gradient_with_padded_channels(g, w, geometry: Geometry, in_spatial, multiple: int):
+    """dE/dX by the textbook correlation with the kernel's C_in axis (dX's output channels) padded with zero
+    filters to a multiple of `multiple`, then sliced back: the extra channels are sums of products with zero, the
+    real ones the textbook sums in the textbook order. Ungrouped convs only.
+    """
+    axis, c_in = geometry.axes.kernel_in, w.shape[geometry.axes.kernel_in]
+    widths = [(0, 0)] * w.ndim
+    widths[axis] = (0, -c_in % multiple)
+    dx = input_gradient(g, jnp.pad(w, widths), geometry, in_spatial)
+    return lax.slice_in_dim(dx, 0, c_in, axis=geometry.axes.channel)
 
 
 def weight_gradient_by_chunks(x, g, geometry: Geometry, kernel_shape, chunk: int):

@@ -18,13 +18,14 @@ from collections.abc import Callable
 import jax
 from jax import lax
 
-from convlib.ops import fast_backward, textbook
+from convlib.ops import fast_backward, fast_forward, textbook
 from convlib.ops.geometry import Geometry
 
 
 @dataclasses.dataclass(frozen=True)
 class Formulation:
-    """One way to compute dE/dX (`fn(g, w, geometry, in_spatial)`) or dE/dW (`fn(x, g, geometry, kernel_shape)`).
+    """One way to compute the forward (`fn(x, w, b, geometry)`), dE/dX (`fn(g, w, geometry, in_spatial)`) or dE/dW
+    (`fn(x, g, geometry, kernel_shape)`).
 
     name: its name in a plan and in profiles (`convlib.conv.dX.<name>`); detail: a parameter, shown in the plan.
     """
@@ -37,9 +38,17 @@ class Formulation:
         return f"{self.name}{self.detail}"
 
 
+FORWARD_TEXTBOOK = Formulation("textbook", textbook.forward)
+FORWARD_BLOCKS = Formulation("space_to_depth", fast_forward.forward_by_space_to_depth)
 DX_TEXTBOOK = Formulation("textbook", textbook.input_gradient)
 DX_PHASES = Formulation("phases", fast_backward.input_gradient_by_phases)
 DX_TAPS = Formulation("taps", fast_backward.depthwise_input_gradient)
+CHANNEL_MULTIPLE = 8  # XLA:CPU's Eigen convs run fastest with output channels a multiple of its 8-float vectors
+DX_PADDED = Formulation(
+    "padded",
+    functools.partial(fast_backward.input_gradient_with_padded_channels, multiple=CHANNEL_MULTIPLE),
+    f" to {CHANNEL_MULTIPLE}s",
+)
 DW_TEXTBOOK = Formulation("textbook", textbook.weight_gradient)
 DW_TAPS = Formulation("taps", fast_backward.depthwise_weight_gradient)
 
@@ -103,7 +112,9 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
     - 3-D: one 2-D conv per depth tap, depth folded into the batch;
     - other groups: one conv per group, since grouped convs never reach that library (each planned as below for
       up to `MAX_PLANNED_GROUPS` groups, else textbook);
-    - dX: by phases when strided (no zero insertion), else textbook;
+    - dX: by phases when strided (no zero insertion); else, with 4 or more input channels but not a multiple of
+      `CHANNEL_MULTIPLE`, textbook with zero filters up to that multiple (Eigen, 8-float vectors: 16 -> 6 5x5
+      (LeNet C3) 1.5-2.2x, -> 4 3x3 3x, -> 12 1.4x, -> 20 1.25x faster; -> 3 alike); else textbook;
     - dW: in batch chunks when there are at least two (1-D or 2-D): each chunk's operands stay in cache and the
       chunks run concurrently; else textbook. A chunk holds `CHUNK` images, or on maps of fewer than
       `CHUNK_PIXELS / CHUNK` output pixels the power of two nearest below `CHUNK_PIXELS` pixels (VGG's 4x4
@@ -128,10 +139,58 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
         if groups > MAX_PLANNED_GROUPS:
             return Lowered(fast_backward.PER_GROUP, TEXTBOOK)
         return _lowered(fast_backward.PER_GROUP, geometry, x_shape, w_shape)
-    dx = DX_PHASES if any(s > 1 for s in geometry.stride) else DX_TEXTBOOK
+    if any(s > 1 for s in geometry.stride):
+        dx = DX_PHASES
+    elif c_in >= 4 and c_in % CHANNEL_MULTIPLE:
+        dx = DX_PADDED
+    else:
+        dx = DX_TEXTBOOK
     out_pixels = math.prod(geometry.output_spatial(geometry.spatial_shape(x_shape)))
     chunk = _weight_gradient_chunk(x_shape[axes.batch], out_pixels)
     return Formulas(dx, dw_chunks(chunk) if chunk else DW_TEXTBOOK)
+
+
+# Space-to-depth forwards measured faster (2-core AMD EPYC, convs on Eigen): 1 -> 6 channels 5x5 (LeNet C1) 3.7x,
+# 3 -> 16 3x3 (ResNet stem) 1.6x, 6 -> 16 5x5 (LeNet C3) 1.3x; slower: 8 -> 16, 16 -> 16, 3 -> 64 (3x3 and 5x5).
+BLOCKS_MAX_IN = 6
+BLOCKS_MAX_OUT = 16
+
+
+def forward_plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Formulation:
+    """The forward `backward="custom"` uses for these static shapes on `platform` (see :func:`plan`).
+
+    On XLA:CPU: space-to-depth (:mod:`convlib.ops.fast_forward`) for a 2-D NHWC conv with stride 1, no dilation,
+    no groups, a kernel of at least 3x3, at most `BLOCKS_MAX_IN` input and `BLOCKS_MAX_OUT` output channels; else,
+    and on other platforms, the textbook forward.
+
+    >>> from convlib.ops.geometry import make_geometry
+    >>> str(forward_plan(make_geometry(2, 5), (256, 32, 32, 1), (5, 5, 1, 6), "cpu"))
+    'space_to_depth'
+    """
+    if not isinstance(platform, str):
+        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
+    few_channels = x_shape[-1] <= BLOCKS_MAX_IN and w_shape[-1] <= BLOCKS_MAX_OUT
+    blockable = (
+        geometry.ndim == 2
+        and geometry.layout == "NHWC"
+        and geometry.groups == 1
+        and set(geometry.stride) == set(geometry.dilation) == {1}
+        and min(geometry.kernel) >= 3
+    )
+    return FORWARD_BLOCKS if platform == "cpu" and blockable and few_channels else FORWARD_TEXTBOOK
+
+
+def planned_forward(x, w, b, geometry: Geometry):
+    """The forward of `backward="custom"`: the CPU forward plan on a CPU, the textbook elsewhere."""
+    on_cpu = forward_plan(geometry, x.shape, w.shape, "cpu").fn
+    if on_cpu is textbook.forward:
+        return textbook.forward(x, w, b, geometry)
+    operands = (x, w) if b is None else (x, w, b)
+
+    def run(fn):
+        return lambda x, w, *b: fn(x, w, *(b or (None,)), geometry)
+
+    return lax.platform_dependent(*operands, cpu=run(on_cpu), default=run(textbook.forward))
 
 
 def _lowered(lowering: fast_backward.Lowering, geometry: Geometry, x_shape, w_shape) -> Lowered:
@@ -157,6 +216,30 @@ def _weight_gradient_chunk(batch: int, out_pixels: int) -> int:
 def _power_of_two_below(n: int) -> int:
     """The largest power of two <= n (0 for n < 1)."""
     return 1 << (n.bit_length() - 1) if n >= 1 else 0
+
+
+# XLA:CPU (JAX 0.10) hands 2-D convs with more than 16 channels to YNNPACK, which ran each on one of two cores;
+# with convs left to Eigen (multi-threaded) and dots and reductions still on YNNPACK, whole jitted training steps
+# ran 17 % (ResNet-20), 34 % (VGG-11) and 59 % (AlexNet) faster, LeNet-5 alike (2-core AMD EPYC, custom backward,
+# experiments/benchmarks): the option names the YNNPACK fusions to keep.
+_CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
+def compiler_options(platform: str) -> dict[str, str]:
+    """The XLA compile options measured best for jitted programs of convlib convs on `platform` (a JAX platform
+    name), for ``jax.jit(f, compiler_options=...)``: one program opts in, nothing process-wide changes. Empty on
+    every platform but the CPU, where it keeps convs off YNNPACK (the rules of :func:`plan` are measured so).
+
+    >>> compiler_options("cuda")
+    {}
+    >>> sorted(compiler_options("cpu"))
+    ['xla_cpu_experimental_ynn_fusion_type']
+    """
+    if not isinstance(platform, str):
+        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
+    return dict(_CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
 
 
 def planned_gradients(geometry: Geometry, x, w, g):

@@ -19,7 +19,7 @@ from convlib import ops
 from convlib.ops.geometry import conv_geometry
 from convlib.ops.plan import plan
 from experiments.benchmarks.machine import gemm_call, gflops, torch_device, torch_module
-from experiments.timing import interleaved_times
+from experiments.timing import interleaved_times, jit
 
 CONV_MODES = ("autodiff", "textbook", "custom")
 POOL_MODES = ("autodiff", "custom")
@@ -110,6 +110,8 @@ CONV_CASES = (
     ConvCase("LeNet-5 C1", 256, (32, 32), 1, 6, 5),
     ConvCase("LeNet-5 C3", 256, (14, 14), 6, 16, 5),
     ConvCase("ResNet-20 stem", 128, (32, 32), 3, 16, 3, padding=1),
+    ConvCase("VGG-small conv1", 128, (32, 32), 3, 64, 3, padding=1),
+    ConvCase("AlexNet-small conv1", 128, (32, 32), 3, 48, 5, padding=2),
     ConvCase("ResNet-20 stage 1", 128, (32, 32), 16, 16, 3, padding=1),
     ConvCase("ResNet-20 down 2", 128, (32, 32), 16, 32, 3, stride=2, padding=1),
     ConvCase("ResNet-20 stage 2", 128, (16, 16), 32, 32, 3, padding=1),
@@ -145,15 +147,15 @@ def conv_calls(case: ConvCase, layout: str, modes, key) -> dict:
     options = case.options(layout)
     y = ops.conv(x, w, b, **options)
     g = jax.random.normal(jax.random.fold_in(key, 1), y.shape)
-    calls = {"forward": (jax.jit(lambda x, w, b: ops.conv(x, w, b, **options)), (x, w, b))}
+    calls = {"forward": (jit(lambda x, w, b: ops.conv(x, w, b, **options)), (x, w, b))}
     for mode in modes:
 
         def f(x, w, b, mode=mode):
             return ops.conv(x, w, b, **options, backward=mode)
 
-        calls[f"{mode} dX"] = (jax.jit(lambda x, w, b, g, f=f: jax.vjp(lambda x: f(x, w, b), x)[1](g)), (x, w, b, g))
-        calls[f"{mode} dW"] = (jax.jit(lambda x, w, b, g, f=f: jax.vjp(lambda w: f(x, w, b), w)[1](g)), (x, w, b, g))
-        calls[f"{mode} fwd+bwd"] = (jax.jit(lambda x, w, b, g, f=f: _value_and_vjp(f, g, x, w, b)), (x, w, b, g))
+        calls[f"{mode} dX"] = (jit(lambda x, w, b, g, f=f: jax.vjp(lambda x: f(x, w, b), x)[1](g)), (x, w, b, g))
+        calls[f"{mode} dW"] = (jit(lambda x, w, b, g, f=f: jax.vjp(lambda w: f(x, w, b), w)[1](g)), (x, w, b, g))
+        calls[f"{mode} fwd+bwd"] = (jit(lambda x, w, b, g, f=f: _value_and_vjp(f, g, x, w, b)), (x, w, b, g))
     return calls
 
 
@@ -259,11 +261,11 @@ def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
     """Times one pooling case: forward, dX and forward + backward for each mode (and PyTorch's)."""
     x = jax.random.normal(key, (case.batch, *case.spatial, case.channels))
     g = jax.random.normal(jax.random.fold_in(key, 1), case.function("custom")(x).shape)
-    calls = {"forward": (jax.jit(case.function("autodiff")), (x,))}
+    calls = {"forward": (jit(case.function("autodiff")), (x,))}
     for mode in POOL_MODES:
         f = case.function(mode)
-        calls[f"{mode} dX"] = (jax.jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)), (x, g))
-        calls[f"{mode} fwd+bwd"] = (jax.jit(lambda x, g, f=f: _value_and_vjp(f, g, x)), (x, g))
+        calls[f"{mode} dX"] = (jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)), (x, g))
+        calls[f"{mode} fwd+bwd"] = (jit(lambda x, g, f=f: _value_and_vjp(f, g, x)), (x, g))
     torch = torch_module() if with_torch else None
     if torch is not None:
         calls.update(_torch_pool_calls(case, x, g, torch))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from convlib import models, train
 from experiments.benchmarks.machine import torch_module
-from experiments.timing import interleaved_times
+from experiments.timing import interleaved_times, jit
 
 MODES = ("autodiff", "custom")
 # name -> (batch, input channels, input side)
@@ -30,7 +30,7 @@ def jax_step(name: str, batch: int, in_channels: int, size: int, backward: str, 
     )
     tx = train.make_optimizer("sgd", 0.01, momentum=0.9)
     graphdef, state = train.create_train_state(model, tx, jax.random.key(seed))
-    step = jax.jit(train.make_train_step(graphdef, tx, train.CROSS_ENTROPY))
+    step = jit(train.make_train_step(graphdef, tx, train.CROSS_ENTROPY))
     key = jax.random.key(seed + 1)
     data = {
         "image": jax.random.normal(key, (batch, size, size, in_channels), dtype or jnp.float32),
