@@ -68,6 +68,45 @@ def test_pools_match_loops_and_autodiff(config, ceil_mode, count_include_pad, se
         np.testing.assert_allclose(dx_custom, dx_auto, rtol=RTOL, atol=ATOL)
 
 
+@settings(max_examples=20)
+@given(pool_configs(), st.booleans(), st.sampled_from(["NHWC", "NCHW"]), st.booleans(), st.integers(0, 2**16))
+def test_tiling_max_pool_gradient(config, ceil_mode, layout, with_nan, seed):
+    """Windows that tile the input (stride = window; their gradient is cut out and put back by reshapes) route
+    every cotangent as the overlapping path does: ties to the first maximum, NaN windows to the first NaN,
+    padding, ceil-mode overhang and the rows no window reads get nothing; in both layouts, 1-3-D."""
+    shape, window, _, pads = config
+    x = np.round(np.random.default_rng(seed).standard_normal(shape) * 2) / 2
+    if with_nan and x.size:
+        x.reshape(-1)[np.random.default_rng(seed + 2).integers(x.size)] = np.nan
+    if layout == "NCHW":
+        x = np.moveaxis(x, -1, 1)
+    tiling = lambda x, b: ops.max_pool(x, window, window, pads, ceil_mode=ceil_mode, layout=layout, backward=b)
+    y, vjp = jax.vjp(lambda x: tiling(x, "custom"), x)
+    g = np.random.default_rng(seed + 1).standard_normal(y.shape)
+    (dx,) = vjp(g)
+    # Brute force: each window's first maximum (or first NaN), row-major, takes the window's cotangent.
+    want = np.zeros_like(x)
+    x_last = np.moveaxis(x, 1, -1) if layout == "NCHW" else x
+    g_last = np.moveaxis(g, 1, -1) if layout == "NCHW" else g
+    want_last = np.moveaxis(want, 1, -1) if layout == "NCHW" else want
+    ceil_pads = [
+        (lo, max(hi, (g_last.shape[1 + d] - 1) * window[d] + window[d] - x_last.shape[1 + d] - lo))
+        for d, (lo, hi) in enumerate(pads)
+    ]
+    padded = np.pad(x_last, [(0, 0), *ceil_pads, (0, 0)], constant_values=-np.inf)
+    for n, *index, c in np.ndindex(*g_last.shape):
+        start = [i * k for i, k in zip(index, window)]
+        patch = padded[(n, *(slice(s, s + k) for s, k in zip(start, window)), c)].reshape(-1)
+        first = int(np.argmax(np.isnan(patch))) if np.isnan(patch).any() else int(np.argmax(patch))
+        offset = np.unravel_index(first, window)
+        position = tuple(s + o - lo for s, o, (lo, _) in zip(start, offset, ceil_pads))
+        if all(0 <= p < h for p, h in zip(position, x_last.shape[1:-1])):
+            want_last[(n, *position, c)] += g_last[(n, *index, c)]
+    np.testing.assert_array_equal(dx, want)
+    if not with_nan:
+        np.testing.assert_array_equal(dx, jax.vjp(lambda x: tiling(x, "autodiff"), x)[1](g)[0])
+
+
 def test_max_pool_tie_goes_to_first_maximum_in_row_major_order():
     x = np.array([[3.0, 1.0], [3.0, 3.0]]).reshape(1, 2, 2, 1)
     dx = jax.grad(lambda x: jnp.sum(ops.max_pool(x, 2)))(x)

@@ -42,6 +42,18 @@ FASHION_MNIST_CLASSES = (
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
+def _image_label_info(image_shape, class_names) -> dict:
+    """The DatasetInfo fields both offline builders share: uint8 images stored as raw bytes (not the default int64
+    list: preparing is ~3x faster), class labels, and the source files' order kept (no shuffling)."""
+    features = {
+        "image": tfds.features.Tensor(shape=image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
+        "label": tfds.features.ClassLabel(names=list(class_names)),
+    }
+    return dict(
+        features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label"), disable_shuffling=True
+    )
+
+
 @dataclasses.dataclass(eq=False)
 class IdxConfig(tfds.core.BuilderConfig):
     """A dataset stored as the four standard IDX files; images (H, W) grayscale."""
@@ -81,19 +93,7 @@ class IdxImages(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    # Raw bytes, not the default int64 list: preparing is ~3x faster.
-                    "image": tfds.features.Tensor(
-                        shape=config.image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
-                    ),
-                    "label": tfds.features.ClassLabel(names=list(config.class_names)),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,  # keep the IDX files' order
-        )
+        return self.dataset_info_from_configs(**_image_label_info(config.image_shape, config.class_names))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         # Read and validate every file before anything is written.
@@ -133,16 +133,7 @@ class Cifar10Images(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(
-                        shape=cifar.IMAGE_SHAPE, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
-                    ),
-                    "label": tfds.features.ClassLabel(names=list(cifar.CLASSES)),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,  # keep the batches' order
+            **_image_label_info(cifar.IMAGE_SHAPE, cifar.CLASSES),
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         )
 

@@ -112,17 +112,64 @@ def _custom_max_pool_bwd(geometry, residuals, g):
 
 
 def _first_maximum_gradient(x, y, g, geometry: Geometry):
-    """dE/dX[s i + k] += G[i] at the first offset k (row-major) where the window's value is Y[i] (or both NaN)."""
-    dx = jnp.zeros_like(x)
+    """dE/dX[s i + k] += G[i] at the first offset k (row-major) where the window's value is Y[i] (or both NaN).
+
+    Windows that tile the input (stride = window) are cut out of it by a reshape and their gradients put back by
+    one (each input then takes at most one cotangent); overlapping ones scatter back offset by offset."""
     x_padded = pad_spatial(x, geometry, -jnp.inf)
+    out_spatial = geometry.spatial_shape(y.shape)
+    tiles = geometry.stride == geometry.kernel
+    if tiles:
+        x_padded = _as_tiles(x_padded, geometry, out_spatial)
     taken = jnp.zeros(y.shape, bool)
     y_is_nan = jnp.isnan(y)
+    gradients = []
     for offset in window_offsets(geometry):
-        view = window_view(x_padded, offset, geometry, geometry.spatial_shape(y.shape))
+        view = _tile_view(x_padded, offset, geometry) if tiles else window_view(x_padded, offset, geometry, out_spatial)
         hit = ((view == y) | (jnp.isnan(view) & y_is_nan)) & ~taken
         taken = taken | hit
-        dx = dx + scatter_back(jnp.where(hit, g, 0), offset, geometry, geometry.spatial_shape(x.shape))
-    return dx
+        gradients.append(jnp.where(hit, g, 0))
+    in_spatial = geometry.spatial_shape(x.shape)
+    if tiles:
+        return _from_tiles(jnp.stack(gradients, axis=-1), geometry, in_spatial)
+    return sum(scatter_back(d, o, geometry, in_spatial) for d, o in zip(gradients, window_offsets(geometry)))
+
+
+def _as_tiles(x_padded, geometry: Geometry, out_spatial):
+    """The padded input cropped to whole tiles, each spatial axis split into (tiles, K): K right after it."""
+    sizes, kernel = full_rank(geometry, out_spatial, None), full_rank(geometry, geometry.kernel, None)
+    limits = tuple(n if k is None else o * k for n, o, k in zip(x_padded.shape, sizes, kernel))
+    crop = lax.slice(x_padded, (0,) * x_padded.ndim, limits)
+    shape = []
+    for n, o, k in zip(crop.shape, sizes, kernel):
+        shape.extend((n,) if k is None else (o, k))
+    return crop.reshape(shape)
+
+
+def _tile_view(tiled, offset, geometry: Geometry):
+    """Element `offset` of every tile: the K axes of :func:`_as_tiles` indexed away."""
+    for axis, k in zip(geometry.spatial_axes, offset):
+        # spatial axis j sits at axis + j, its K axis at axis + j + 1; j earlier K axes are already gone
+        tiled = lax.index_in_dim(tiled, k, axis + 1, keepdims=False)
+    return tiled
+
+
+def _from_tiles(gradients, geometry: Geometry, in_spatial):
+    """(..., prod K) tile gradients, offsets row-major on the last axis, back to the input's shape: each K axis
+    moved after its spatial axis, merged, and the padding and the rows no window reads cropped or zero-filled."""
+    rank = gradients.ndim - 1
+    gradients = gradients.reshape(*gradients.shape[:-1], *geometry.kernel)
+    order = []
+    for axis in range(rank):
+        order.append(axis)
+        if axis in geometry.spatial_axes:
+            order.append(rank + geometry.spatial_axes.index(axis))
+    shape = [n * k for n, k in zip(gradients.shape[:rank], full_rank(geometry, geometry.kernel, 1))]
+    tiled = gradients.transpose(order).reshape(shape)
+    widths = [
+        (-lo, h + lo - t, 0) for (lo, _), h, t in zip(geometry.padding, in_spatial, geometry.spatial_shape(tiled.shape))
+    ]
+    return lax.pad(tiled, jnp.zeros((), tiled.dtype), full_rank(geometry, widths, (0, 0, 0)))
 
 
 _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
