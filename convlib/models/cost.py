@@ -42,6 +42,11 @@ def abstract_model(name: str, **options) -> nnx.Module:
 def _multiply_adds(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            # One branch runs. The per-platform formulations of one conv (`lax.platform_dependent`) compute the
+            # same sums, some with extra products with zero (space-to-depth): the fewest are the layer's.
+            total += min(_multiply_adds(branch.jaxpr) for branch in eqn.params["branches"])
+            continue
         if eqn.primitive.name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape
             rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
