@@ -40,12 +40,12 @@ def forward_by_space_to_depth(x, w, b, geometry: Geometry):
     """
     with jax.named_scope("convlib.conv.forward.space_to_depth"):
         n, c, c_out = x.shape[0], x.shape[-1], w.shape[-1]
-        zero = jnp.zeros((), x.dtype)
-        x = lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in geometry.padding), (0, 0, 0)])
-        out = tuple(h - k + 1 for h, k in zip(x.shape[1:3], geometry.kernel))
+        out = geometry.output_spatial(x.shape[1:3])
         kernel = tuple(k // BLOCK + 1 for k in geometry.kernel)  # ceil((K + 1) / 2)
         cells = tuple(-(-o // BLOCK) + k - 1 for o, k in zip(out, kernel))  # blocks the output's blocks read
-        x = lax.pad(x, zero, [(0, 0, 0), *((0, BLOCK * m - h, 0) for m, h in zip(cells, x.shape[1:3])), (0, 0, 0)])
+        # the conv's padding, then zeros up to whole blocks (or a crop of rows no output reads)
+        widths = [(lo, BLOCK * m - h - lo, 0) for (lo, _), m, h in zip(geometry.padding, cells, x.shape[1:3])]
+        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *widths, (0, 0, 0)])
         xs = _to_blocks(x, cells, c)
         ws = jnp.concatenate(
             [_shifted_block_kernel(w, kernel, a, bb) for a in range(BLOCK) for bb in range(BLOCK)], axis=-1

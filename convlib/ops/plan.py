@@ -125,8 +125,7 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
     >>> str(plan(make_geometry(2, 3, stride=2, padding=1), (32, 32, 32, 16), (3, 3, 16, 32), "cpu"))
     'dX phases, dW chunks of 8'
     """
-    if not isinstance(platform, str):
-        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
+    _check_platform(platform)
     if platform != "cpu":
         return TEXTBOOK
     axes, groups = geometry.axes, geometry.groups
@@ -168,8 +167,7 @@ def forward_plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Formula
     >>> str(forward_plan(make_geometry(2, 5), (256, 32, 32, 1), (5, 5, 1, 6), "cpu"))
     'space_to_depth'
     """
-    if not isinstance(platform, str):
-        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
+    _check_platform(platform)
     few_channels = x_shape[-1] <= BLOCKS_MAX_IN and w_shape[-1] <= BLOCKS_MAX_OUT
     blockable = (
         geometry.ndim == 2
@@ -183,15 +181,17 @@ def forward_plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Formula
 
 def planned_forward(x, w, b, geometry: Geometry):
     """The forward of `backward="custom"`: the CPU forward plan on a CPU, the textbook elsewhere."""
-    on_cpu = forward_plan(geometry, x.shape, w.shape, "cpu").fn
-    if on_cpu is textbook.forward:
-        return textbook.forward(x, w, b, geometry)
-    operands = (x, w) if b is None else (x, w, b)
+    on_cpu, elsewhere = (forward_plan(geometry, x.shape, w.shape, p) for p in ("cpu", "default"))
+    if on_cpu == elsewhere:
+        return on_cpu.fn(x, w, b, geometry)
+    return lax.platform_dependent(
+        x, w, cpu=lambda x, w: on_cpu.fn(x, w, b, geometry), default=lambda x, w: elsewhere.fn(x, w, b, geometry)
+    )
 
-    def run(fn):
-        return lambda x, w, *b: fn(x, w, *(b or (None,)), geometry)
 
-    return lax.platform_dependent(*operands, cpu=run(on_cpu), default=run(textbook.forward))
+def _check_platform(platform) -> None:
+    if not isinstance(platform, str):
+        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
 
 
 def _lowered(lowering: fast_backward.Lowering, geometry: Geometry, x_shape, w_shape) -> Lowered:
@@ -238,8 +238,7 @@ def compiler_options(platform: str) -> dict[str, str]:
     >>> sorted(compiler_options("cpu"))
     ['xla_cpu_experimental_ynn_fusion_type']
     """
-    if not isinstance(platform, str):
-        raise TypeError(f"platform must be a JAX platform name such as 'cpu', got {platform!r}")
+    _check_platform(platform)
     return dict(_CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
 
 

@@ -156,7 +156,7 @@ def _tile_view(tiled, offset, geometry: Geometry):
 
 def _from_tiles(gradients, geometry: Geometry, in_spatial):
     """(..., prod K) tile gradients, offsets row-major on the last axis, back to the input's shape: each K axis
-    moved after its spatial axis, merged, and the padding and the rows no window reads cropped or zero-filled."""
+    moved after its spatial axis and merged, then cut to the input (:func:`_tiles_to_input`)."""
     rank = gradients.ndim - 1
     gradients = gradients.reshape(*gradients.shape[:-1], *geometry.kernel)
     order = []
@@ -165,11 +165,7 @@ def _from_tiles(gradients, geometry: Geometry, in_spatial):
         if axis in geometry.spatial_axes:
             order.append(rank + geometry.spatial_axes.index(axis))
     shape = [n * k for n, k in zip(gradients.shape[:rank], full_rank(geometry, geometry.kernel, 1))]
-    tiled = gradients.transpose(order).reshape(shape)
-    widths = [
-        (-lo, h + lo - t, 0) for (lo, _), h, t in zip(geometry.padding, in_spatial, geometry.spatial_shape(tiled.shape))
-    ]
-    return lax.pad(tiled, jnp.zeros((), tiled.dtype), full_rank(geometry, widths, (0, 0, 0)))
+    return _tiles_to_input(gradients.transpose(order).reshape(shape), geometry, in_spatial)
 
 
 _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
@@ -268,11 +264,16 @@ def _spread_over_tiles(share, geometry: Geometry, in_spatial):
     window reads get nothing)."""
     for axis, k in zip(geometry.spatial_axes, geometry.kernel):
         share = jnp.repeat(share, k, axis=axis)
-    crops = [
-        (-lo, h + lo - tiled, 0)
-        for (lo, _), h, tiled in zip(geometry.padding, in_spatial, geometry.spatial_shape(share.shape))
+    return _tiles_to_input(share, geometry, in_spatial)
+
+
+def _tiles_to_input(tiled, geometry: Geometry, in_spatial):
+    """A gradient over the padded input's whole tiles cut to the input: the padding cropped, the rows no window
+    reads zero-filled."""
+    widths = [
+        (-lo, h + lo - t, 0) for (lo, _), h, t in zip(geometry.padding, in_spatial, geometry.spatial_shape(tiled.shape))
     ]
-    return lax.pad(share, jnp.zeros((), share.dtype), full_rank(geometry, crops, (0, 0, 0)))
+    return lax.pad(tiled, jnp.zeros((), tiled.dtype), full_rank(geometry, widths, (0, 0, 0)))
 
 
 _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
