@@ -285,6 +285,12 @@ def resume_child(folder: str, slow: bool) -> None:
     np.savez(os.path.join(folder, "state.npz"), **flat_state(result.state))
 
 
+def has_a_finished_checkpoint(checkpoints) -> bool:
+    """Orbax's commit and then the manifest: a kill between the two leaves no checkpoint to resume."""
+    latest = checkpoints.latest_step()
+    return latest is not None and checkpoints.finished(latest)
+
+
 def test_sigkill_and_resume_reaches_the_same_final_state(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     reference = run_child(straight, slow=False)
@@ -292,7 +298,7 @@ def test_sigkill_and_resume_reaches_the_same_final_state(tmp_path):
     try:
         deadline = time.monotonic() + CHILD_TIMEOUT_S
         checkpoints = T.Checkpoints(killed / "ckpt")
-        while (checkpoints.latest_step() or 0) < 3 and time.monotonic() < deadline and victim.poll() is None:
+        while not has_a_finished_checkpoint(checkpoints) and time.monotonic() < deadline and victim.poll() is None:
             time.sleep(0.05)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
@@ -397,6 +403,19 @@ def test_no_intact_checkpoint_left_is_an_error(finished_run, tmp_path):
         truncate(largest_data_file(folder / "ckpt" / str(step)))
     with pytest.warns(UserWarning, match="corrupt"), pytest.raises(T.CorruptCheckpointError, match="no intact"):
         tiny_fit(str(folder), checkpoint_every=4, run_config=RUN, resume=True)
+
+
+def test_saves_cut_off_before_their_manifests_are_no_checkpoint_to_resume(finished_run, tmp_path):
+    folder = copy_of(finished_run, tmp_path)
+    for step in (4, 8):
+        (folder / "ckpt" / str(step) / "convlib.sha256.json").unlink()
+    with pytest.warns(UserWarning, match="corrupt"), pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        tiny_fit(str(folder), checkpoint_every=4, run_config=RUN, resume="require")
+    with pytest.warns(UserWarning, match="training starts at step 0"):
+        again = tiny_fit(str(folder), checkpoint_every=4, run_config=RUN, resume=True)
+    assert without_times(again.records) == without_times(finished_run[1].records)
+    a, b = flat_state(finished_run[1].state), flat_state(again.state)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(finished_run, tmp_path):

@@ -5,7 +5,8 @@ leaves the previous checkpoints intact, and ``latest_step`` only sees complete o
 
 Orbax cannot tell a flipped byte or a truncated file from good data, so every saved step also carries a manifest
 (``convlib.sha256.json``: the SHA-256 of each of its files, written last, by process 0). :meth:`Checkpoints.verify`
-checks a step against it; a step without one was cut off before its save finished.
+checks a step against it; a step without one was cut off before its save finished (killed between Orbax's commit
+and the manifest), and a resume treats it as no checkpoint.
 
 Across processes (``convlib.train.distributed``), every process opens the same directory (storage they all see) and
 calls ``save`` / ``restore`` together: Orbax writes each array once, from the process holding it, and process 0 (the
@@ -109,6 +110,10 @@ class Checkpoints:
     def folder(self, step: int) -> Path:
         """The folder of checkpoint ``step``."""
         return Path(self._manager.directory) / str(step)
+
+    def finished(self, step: int) -> bool:
+        """Whether the save of checkpoint ``step`` got as far as its manifest (intact or not)."""
+        return (self.folder(step) / MANIFEST).exists()
 
     def verify(self, step: int) -> str | None:
         """``None`` if checkpoint ``step`` is intact (every file as saved), else what is wrong, naming the file."""

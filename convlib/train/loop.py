@@ -200,19 +200,19 @@ class Checkpointer:
 
     def restore(self, state: TrainState, resume: bool | str) -> TrainState:
         """The newest checkpoint's state when resuming (else `state`); refuses a folder that already holds one
-        unless `resume`, and an empty one when `resume == "require"`."""
-        if self.last_saved is None:
+        unless `resume`, and one without a finished checkpoint when `resume == "require"`."""
+        if self.last_saved is not None and not resume:
+            raise ValueError(
+                f"checkpoint_dir {self.directory!r} already holds a checkpoint (step {self.last_saved}); "
+                "pass resume=True to continue it, or choose an empty folder"
+            )
+        step = None if self.last_saved is None else self._newest_intact()
+        if step is None:
             if resume == "require":
                 raise FileNotFoundError(f"resume='require' but checkpoint_dir {self.directory!r} holds no checkpoint")
             if resume:
                 warnings.warn(f"no checkpoint in {self.directory!r} to resume: training starts at step 0", stacklevel=3)
             return state
-        if not resume:
-            raise ValueError(
-                f"checkpoint_dir {self.directory!r} already holds a checkpoint (step {self.last_saved}); "
-                "pass resume=True to continue it, or choose an empty folder"
-            )
-        step = self._newest_intact()
         meta = self._checkpoints.meta(step)
         if meta["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointMismatchError(
@@ -227,8 +227,13 @@ class Checkpointer:
             )
         return self._checkpoints.restore(state, step)[0]
 
-    def _newest_intact(self) -> int:
-        """The newest checkpoint that passes its checksums; sets aside (or, with "stop", refuses) newer ones."""
+    def _newest_intact(self) -> int | None:
+        """The newest checkpoint that passes its checksums; sets aside (or, with "stop", refuses) newer ones.
+
+        A save cut off before its manifest (killed between Orbax's commit and the manifest) was never a checkpoint:
+        when only such ones stand in the way, there is none to resume (``None``). A finished checkpoint that fails
+        its checksums with no intact one behind it is an error: its run cannot be continued."""
+        any_finished = False
         for step in sorted(self._checkpoints.all_steps(), reverse=True):
             problem = self._checkpoints.verify(step)
             if problem is None:
@@ -236,12 +241,15 @@ class Checkpointer:
                 return step
             if self.on_corrupt == "stop":
                 raise CorruptCheckpointError(f"checkpoint step {step} is corrupt: {problem}")
+            any_finished |= self._checkpoints.finished(step)
             moved = self._checkpoints.set_aside(step)
             warnings.warn(f"checkpoint step {step} is corrupt: {problem}; set aside as {moved.name}", stacklevel=4)
         self.last_saved = None
-        raise CorruptCheckpointError(
-            f"no intact checkpoint left in {self.directory!r} (the corrupt ones are set aside)"
-        )
+        if any_finished:
+            raise CorruptCheckpointError(
+                f"no intact checkpoint left in {self.directory!r} (the corrupt ones are set aside)"
+            )
+        return None
 
     def save(self, state: TrainState) -> None:
         """Saves `state` (on the host) under its step, with where the data stands; refuses non-finite parameters."""
@@ -327,9 +335,9 @@ def fit(
         from the newest and reaches the same final state as an uninterrupted run. ``resume=True`` with no
         checkpoint warns and starts at step 0; ``resume="require"`` raises ``FileNotFoundError`` instead. A resume
         restores only a checkpoint that passes its checksums: a corrupt newest one is set aside with a warning
-        naming the step and the file, and the run continues from the newest intact one
-        (``on_corrupt_checkpoint="stop"``: raises ``CorruptCheckpointError``); one made by another model or
-        optimiser (other arrays) is refused.
+        naming the step and the file, and the run continues from the newest intact one, or from step 0 when
+        only saves cut off before they finished stand in the way (``on_corrupt_checkpoint="stop"``: raises
+        ``CorruptCheckpointError``); one made by another model or optimiser (other arrays) is refused.
       run_config: a JSON description of the run (model, recipe, data), saved with each checkpoint; a resume with a
         different one is refused with a ``ValueError`` naming the first key that differs.
       metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end, evaluation and
