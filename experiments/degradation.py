@@ -61,7 +61,7 @@ RECIPES = {
     # the same CPU time per image (ResNet-20: 1200 steps of 32 in 151 s here), and updates are what the deeper
     # nets lack in a short run. 2500 images rather than 5000: 15 epochs instead of 7.7, so the nets reach
     # the regime where depth fits the data better (seed 0, ResNet-56 vs ResNet-20 training error: 15.2 vs 16.8 %
-    # with 2500, 16.5 vs 16.8 % with 5000, 18.5 vs 17.1 % with 600 steps of 64). ~45 min for the default 2 seeds.
+    # with 2500, 16.5 vs 16.8 % with 5000, 18.5 vs 17.1 % with 600 steps of 64). The default 2 seeds took 41 min here.
     "short": NamedRecipe(train.Recipe(learning_rate=0.025, boundaries=(600, 900), warmup_steps=60, **_SGD), 1200, 32),
 }
 
