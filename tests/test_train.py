@@ -245,6 +245,21 @@ def test_existing_checkpoint_needs_resume_and_a_finished_run_resumes_as_is(tmp_p
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_each_checkpoint_finds_its_steps_already_in_the_metrics_file(tmp_path, monkeypatch):
+    # a process killed right after a checkpoint's save must find every step up to it in the log on resume
+    logged_at_save = {}
+    save = T.Checkpoints.save
+
+    def save_and_look(self, state, meta):
+        save(self, state, meta)
+        logged = {r["step"] for r in T.read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"}
+        logged_at_save[meta["step"]] = logged
+
+    monkeypatch.setattr(T.Checkpoints, "save", save_and_look)
+    tiny_fit(str(tmp_path), epochs=2, checkpoint_every=3)
+    assert logged_at_save == {step: set(range(1, step + 1)) for step in (3, 6, 8)}
+
+
 # --- kill and resume ------------------------------------------------------------------------------------------------
 
 

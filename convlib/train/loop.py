@@ -408,10 +408,12 @@ def fit(
                     at_end = None if eval_every or eval_batches is None else evaluate(parallel, placed, eval_batches())
                     _report(bar, progress, log.epoch(epoch, step, at_end))
                 stopping = stop_requested.is_set()
-                if checkpointer is not None and (checkpointer.due(step) or step == total or stopping):
-                    checkpointer.save(parallel.get_state(placed))
-                if len(log.records) > logged or (checkpointer is not None and checkpointer.last_saved == step):
+                saving = checkpointer is not None and (checkpointer.due(step) or step == total or stopping)
+                # the log first: a process killed right after a checkpoint must not lose that checkpoint's steps
+                if saving or len(log.records) > logged:
                     log.write()
+                if saving:
+                    checkpointer.save(parallel.get_state(placed))
                 if stopping:
                     raise TrainingInterrupted(step, None if checkpointer is None else checkpointer.last_saved)
     except KeyboardInterrupt as interrupt:  # a second Ctrl-C, inside a step: the newest checkpoint stands
