@@ -151,10 +151,13 @@ class TestExact:
         [
             (
                 "NHWC",
-                dict(batch=20, spatial=(6, 6), c_in=2, c_out=24, kernel=3, stride=2, padding=1),
+                dict(batch=20, spatial=(6, 6), c_in=2, c_out=12, kernel=3, stride=2, padding=1),
                 "dX phases, dW chunks of 8",
             ),
-            ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW chunks of 8"),
+            # first layers (<= 3 input channels) chunk dW only in NHWC with <= 16 outputs
+            ("NHWC", dict(batch=16, spatial=(6, 6), c_in=3, c_out=17, kernel=3), "dX textbook, dW textbook"),
+            ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW textbook"),
+            ("NCHW", dict(batch=17, spatial=(9, 9), c_in=4, c_out=3, kernel=3), "dX padded to 8s, dW chunks of 8"),
             ("NHWC", dict(batch=4, spatial=(10, 10), c_in=6, c_out=16, kernel=5), "dX padded to 8s, dW textbook"),
             ("NCHW", dict(batch=3, spatial=(7,), c_in=5, c_out=2, kernel=3, padding=1), "dX padded to 8s, dW textbook"),
             (
