@@ -342,10 +342,11 @@ def fit(
         different one is refused with a ``ValueError`` naming the first key that differs.
       metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end, evaluation and
         checkpoint; every process reads it back on resume. Step records: ``{"kind": "step", "step", "epoch",
-        "loss", "accuracy", "grad_norm", "learning_rate", "batch_size", "time_s", "images_per_s", "timed"}``
-        (``batch_size``: the global batch; time includes fetching the batch; ``timed`` is false for a process's
-        first step, which includes compilation). Epoch records: ``{"kind": "epoch", "step", "epoch",
-        "train_loss", "train_accuracy", "images_per_s", "test_loss", "test_accuracy"}``; evaluation records
+        "loss", "accuracy", "grad_norm", "learning_rate", "batch_size", "time_s", "images_per_s"}``
+        (``batch_size``: the global batch; the time includes fetching the batch, not evaluations or checkpoints;
+        a process's first step includes compilation and is left out of the throughputs). Epoch records:
+        ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy", "images_per_s", "test_loss",
+        "test_accuracy"}``; evaluation records
         (``eval_every``): ``{"kind": "eval", "step", "epoch", "train_loss", "train_accuracy", "test_loss",
         "test_accuracy"}`` with the training means over the steps since the previous evaluation.
       progress: show a tqdm progress bar and a line per evaluation.
@@ -395,7 +396,6 @@ def fit(
                 step, now = step + 1, time.perf_counter()
                 # the global batch, also when split across devices or processes
                 log.step(step, epoch, metrics, int(batch["label"].size), now - tick)
-                tick = now
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     last = None if checkpointer is None else checkpointer.last_saved
                     raise NonFiniteLossError(step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last)
@@ -414,6 +414,7 @@ def fit(
                     log.write()
                 if saving:
                     checkpointer.save(parallel.get_state(placed))
+                tick = time.perf_counter()  # a step's time leaves out the evaluations and saves after the previous
                 if stopping:
                     raise TrainingInterrupted(step, None if checkpointer is None else checkpointer.last_saved)
     except KeyboardInterrupt as interrupt:  # a second Ctrl-C, inside a step: the newest checkpoint stands
