@@ -8,6 +8,7 @@ the CPU time is the steadier of the two on a busy machine.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -54,3 +55,19 @@ def median_times(calls: dict[str, tuple[Callable, tuple]], repeats: int = 5, war
 def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall seconds of `fn(*args)` over `repeats` calls, after `warmup` calls (the first compiles)."""
     return median_times({"fn": (fn, args)}, repeats, warmup)["fn"]
+
+
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+_NAME = re.compile(r"%[\w.\-]+|(?<=\()[\w.\-]+(?=: )|(?<=, )[\w.\-]+(?=: )")  # instructions, parameters
+_SOURCE_TABLES = re.compile(r"^(\d+ |FileNames|FunctionNames|FileLocations|StackFrames)")
+
+
+def compiled_program(fn: Callable, *args) -> tuple[str, ...]:
+    """The instructions XLA compiles the jitted `fn` to for `args`, without names, metadata and source locations
+    (sorted): two functions that compile to the same program compare equal, whichever Python built them, so a
+    benchmark can say when two modes run the very same computation and their time ratio is the machine's noise."""
+    text = _METADATA.sub("", fn.lower(*args).compile().as_text())
+    lines = (_NAME.sub("%", line).strip() for line in text.splitlines())
+    return tuple(
+        sorted(line for line in lines if line and not line.startswith("HloModule") and not _SOURCE_TABLES.match(line))
+    )

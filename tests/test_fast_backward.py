@@ -279,3 +279,16 @@ def test_benchmark_quick_run_writes_results(tmp_path):
         assert row["autodiff fwd+bwd ms"] > 0 and row["custom fwd+bwd ms"] > 0 and row["custom plan"]
     assert results["training"]["models"][0]["custom images/s"] > 0
     assert "Convolutions" in (tmp_path / "smoke.md").read_text()
+
+
+@pytest.mark.parametrize("stride, same", [(1, True), (2, False)])
+def test_benchmark_tells_when_custom_compiles_to_autodiffs_program(stride, same):
+    """Where the plan reorders nothing (a first layer, no chunks), custom's program is autodiff's; strided dX by
+    phases is another program."""
+    from experiments.benchmarks import layers
+    from experiments.timing import compiled_program
+
+    case = layers.ConvCase("first layer", 4, (8, 8), 3, 4, 3, stride=stride, padding=1)
+    calls = layers.conv_calls(case, "NCHW", ("autodiff", "custom"), jax.random.key(0))
+    programs = [compiled_program(fn, *args) for fn, args in (calls["custom fwd+bwd"], calls["autodiff fwd+bwd"])]
+    assert (programs[0] == programs[1]) is same

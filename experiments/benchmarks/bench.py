@@ -107,6 +107,15 @@ def progress_printer(enabled: bool):
     return progress
 
 
+def _own_programs_line(summary: dict) -> str:
+    same, own = summary["rows where custom compiles to autodiff's program"], summary["worst of custom's own programs"]
+    worst = "none" if own is None else f"{own['ratio']:.2f} ({own['layer']}, {own['layout']})"
+    return (
+        f"On {same} rows custom compiles to the very program autodiff does (its ratio there is the machine's "
+        f"noise); worst of the others: {worst}."
+    )
+
+
 def markdown(results: dict) -> str:
     """The report: machine line, GEMM ceiling, summary and the tables."""
     info, gemm = results["machine"], results["machine"]["gemm"]
@@ -130,6 +139,8 @@ def markdown(results: dict) -> str:
             f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
             f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
             f"({s['worst']['layer']}, {s['worst']['layout']}). Ratios < 1: custom is faster.",
+            "",
+            _own_programs_line(s),
             "",
             "custom dW as a fraction of the GEMM timed in the same rounds (3x3 layers with >= 16 channels): "
             + ", ".join(f"{k} {v:.2f}" for k, v in s["custom dW of GEMM (3x3, >= 16 channels)"].items()),
