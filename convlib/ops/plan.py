@@ -152,9 +152,7 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
     else:
         dx = DX_TEXTBOOK
     out_pixels = math.prod(geometry.output_spatial(geometry.spatial_shape(x_shape)))
-    chunk = _weight_gradient_chunk(x_shape[axes.batch], out_pixels)
-    if c_in <= FEW_INPUT_CHANNELS and (geometry.layout == "NCHW" or c_out > FEW_INPUT_CHUNK_MAX_OUT):
-        chunk = 0
+    chunk = _weight_gradient_chunk(x_shape[axes.batch], out_pixels) if _chunks_pay(geometry, c_in, c_out) else 0
     return Formulas(dx, dw_chunks(chunk) if chunk else DW_TEXTBOOK)
 
 
@@ -214,6 +212,13 @@ def _lowered(lowering: fast_backward.Lowering, geometry: Geometry, x_shape, w_sh
     shapes = (jax.ShapeDtypeStruct(s, "float32") for s in (x_shape, w_shape, g_shape))
     x_i, w_i, _ = jax.eval_shape(functools.partial(lowering.split, geometry), *shapes)[0]
     return Lowered(lowering, plan(lowering.sub_geometry(geometry), x_i.shape, w_i.shape, "cpu"))
+
+
+def _chunks_pay(geometry: Geometry, c_in: int, c_out: int) -> bool:
+    """Whether dW in batch chunks can beat one conv: not for a first layer (<= `FEW_INPUT_CHANNELS` inputs) in
+    NCHW or with more than `FEW_INPUT_CHUNK_MAX_OUT` outputs."""
+    first_layer = c_in <= FEW_INPUT_CHANNELS
+    return not first_layer or (geometry.layout == "NHWC" and c_out <= FEW_INPUT_CHUNK_MAX_OUT)
 
 
 def _weight_gradient_chunk(batch: int, out_pixels: int) -> int:
