@@ -2,6 +2,7 @@
 textbook one, JAX's autodiff and the NumPy loop reference, in float64 over the whole configuration space; and a
 smoke run of the benchmark suite."""
 
+import dataclasses
 import json
 
 import jax
@@ -292,3 +293,44 @@ def test_benchmark_tells_when_custom_compiles_to_autodiffs_program(stride, same)
     calls = layers.conv_calls(case, "NCHW", ("autodiff", "custom"), jax.random.key(0))
     programs = [compiled_program(fn, *args) for fn, args in (calls["custom fwd+bwd"], calls["autodiff fwd+bwd"])]
     assert (programs[0] == programs[1]) is same
+
+
+def test_benchmark_summary_separates_custom_programs_from_autodiffs_per_estimate():
+    """Each estimate's worst row, worst own-program row and noise range (the rows that run autodiff's program)."""
+    from experiments.benchmarks import layers
+
+    case = layers.ConvCase("a", 1, (4, 4), 1, 1, 3)
+    cases = [dataclasses.replace(case, name=n) for n in "abc"]
+
+    def row(name, same, median, best):
+        ratios = {"": median, " best": best, " cpu": 1.0}
+        return {"layer": name, "layout": "NHWC", "custom program = autodiff's": same, "custom dW of GEMM": 0.5}, {
+            f"custom/autodiff fwd+bwd{k}": v for k, v in ratios.items()
+        }
+
+    rows = [
+        {**a, **b, "gemm GFLOP/s": 50.0}
+        for a, b in (row("a", True, 1.2, 0.98), row("b", True, 0.9, 1.03), row("c", False, 1.1, 0.5))
+    ]
+    s = layers.summary(rows, cases)
+    assert s["rows where custom compiles to autodiff's program"] == 2
+    assert s["median"]["worst"]["layer"] == "a" and s["median"]["worst of custom's own programs"]["ratio"] == 1.1
+    assert s["median"]["range on autodiff's program"] == [0.9, 1.2]
+    assert s["best"]["worst"]["layer"] == "b" and s["best"]["range on autodiff's program"] == [0.98, 1.03]
+    np.testing.assert_allclose(s["best"]["geomean"], (0.98 * 1.03 * 0.5) ** (1 / 3))
+
+
+def test_interleaved_times_gives_the_fastest_call_and_the_median(monkeypatch):
+    """On a fake clock, so the test times nothing: each call of f lasts the next of 3, 1, 2 ms."""
+    from experiments import timing
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    durations = iter([3e-3, 1e-3, 2e-3])
+
+    def f():
+        clock["now"] += next(durations)
+        return jnp.zeros(())
+
+    t = timing.interleaved_times({"f": (f, ())}, repeats=3, warmup=0)["f"]
+    np.testing.assert_allclose([t["best_ms"], t["ms"]], [1.0, 2.0])

@@ -5,10 +5,10 @@
     python experiments/benchmarks/bench.py layers --quick --out /tmp/bench           # seconds: a smoke run
 
 Suites: `layers` (conv: forward, dX, dW, forward + backward per mode; pools), `training` (images/s of whole
-train steps), `all` (both). Times are medians of repeated calls after compilation, all modes of a case timed in
-turns in one process; GFLOP/s are also given as a fraction of the machine's float32 GEMM, measured in the same
-run. Writes <out>/<name>.json (every number, the machine, the command) and <out>/<name>.md (the tables), <name>
-defaulting to the machine's short name (e.g. cpu-amd-epyc).
+train steps), `all` (both). Times are medians and minima of repeated calls after compilation, all modes of a
+case timed in turns in one process; GFLOP/s are also given as a fraction of the machine's float32 GEMM, measured
+in the same run. Writes <out>/<name>.json (every number, the machine, the command) and <out>/<name>.md (the
+tables), <name> defaulting to the machine's short name (e.g. cpu-amd-epyc).
 """
 
 from __future__ import annotations
@@ -107,13 +107,30 @@ def progress_printer(enabled: bool):
     return progress
 
 
-def _own_programs_line(summary: dict) -> str:
-    same, own = summary["rows where custom compiles to autodiff's program"], summary["worst of custom's own programs"]
-    worst = "none" if own is None else f"{own['ratio']:.2f} ({own['layer']}, {own['layout']})"
-    return (
-        f"On {same} rows custom compiles to the very program autodiff does (its ratio there is the machine's "
-        f"noise); worst of the others: {worst}."
-    )
+SAME_PROGRAM_ROWS = "rows where custom compiles to autodiff's program"
+OWN_PROGRAMS_WORST = "worst of custom's own programs"
+NOISE_RANGE = "range on autodiff's program"
+
+
+def _layers_summary_lines(summary: dict) -> list[str]:
+    """One line per estimate: geometric mean, worst row, worst of custom's own programs and the noise range."""
+
+    def worst(w):
+        return "none" if w is None else f"{w['ratio']:.2f} ({w['layer']}, {w['layout']})"
+
+    lines = [
+        f"custom / autodiff forward+backward time (ratios < 1: custom is faster). On {summary[SAME_PROGRAM_ROWS]} "
+        "rows custom compiles to the very program autodiff does, so there the ratio is the machine's noise.",
+        "",
+    ]
+    for name, what in (("median", "medians of wall time"), ("best", "fastest calls"), ("cpu", "medians of CPU time")):
+        s = summary[name]
+        noise = "" if s[NOISE_RANGE] is None else "; on autodiff's program {:.2f}-{:.2f}".format(*s[NOISE_RANGE])
+        lines.append(
+            f"- {what}: geometric mean {s['geomean']:.2f}, worst {worst(s['worst'])}, worst of custom's own "
+            f"programs {worst(s[OWN_PROGRAMS_WORST])}{noise}"
+        )
+    return [*lines, ""]
 
 
 def markdown(results: dict) -> str:
@@ -136,12 +153,7 @@ def markdown(results: dict) -> str:
         lines += [
             "## Layers",
             "",
-            f"custom / autodiff forward+backward time: geometric mean {s['custom/autodiff fwd+bwd geomean']:.2f}"
-            f" (CPU time {s['custom/autodiff fwd+bwd cpu geomean']:.2f}), worst {s['worst']['ratio']:.2f} "
-            f"({s['worst']['layer']}, {s['worst']['layout']}). Ratios < 1: custom is faster.",
-            "",
-            _own_programs_line(s),
-            "",
+            *_layers_summary_lines(s),
             "custom dW as a fraction of the GEMM timed in the same rounds (3x3 layers with >= 16 channels): "
             + ", ".join(f"{k} {v:.2f}" for k, v in s["custom dW of GEMM (3x3, >= 16 channels)"].items()),
             "",
