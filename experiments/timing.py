@@ -5,8 +5,8 @@ falls on all of them alike and their ratios stay fair. Every call is waited for 
 time is the computation's, not its dispatch. The wall time's median and minimum and the process CPU time's median
 (all threads) are recorded. Other tenants of a machine only ever slow a call down, so the fastest of the repeats
 (`best_ms`, as `timeit` advises) is the steadiest estimate of the work itself: on this project's shared 2-core
-machine one program timed twice in 28 rounds varied by up to 30 % call to call, and the ratio of two medians of 7
-calls by up to 23 %, the ratio of two minima of 14 calls by up to 5 % (docs/performance.md).
+machine, one program's calls in 28 rounds spread over up to 1.8x, and two compilations of one program compared
+by medians of 7 calls differed by up to 23 %, by minima of 14 calls by up to 5 % (docs/performance.md).
 """
 
 from __future__ import annotations
