@@ -96,6 +96,8 @@ class Lowered:
 Plan = Formulas | Lowered
 TEXTBOOK = Formulas()
 
+# dW in chunks, measured in whole custom training steps against dW in one conv (interleaved, fastest steps):
+# ResNet-20 batch 128 1.33x, LeNet-5 batch 256 1.04x faster, though a chunked layer timed alone is autodiff's +-5 %.
 CHUNK = 8  # fewest images per weight-gradient chunk
 CHUNK_PIXELS = 1024  # output pixels a weight-gradient chunk aims at (small maps take more images)
 MAX_PLANNED_GROUPS = 4  # more groups: textbook per group, a bounded op count
