@@ -313,10 +313,10 @@ def test_benchmark_summary_separates_custom_programs_from_autodiffs_per_estimate
         for a, b in (row("a", True, 1.2, 0.98), row("b", True, 0.9, 1.03), row("c", False, 1.1, 0.5))
     ]
     s = layers.summary(rows, cases)
-    assert s["rows where custom compiles to autodiff's program"] == 2
-    assert s["median"]["worst"]["layer"] == "a" and s["median"]["worst of custom's own programs"]["ratio"] == 1.1
-    assert s["median"]["range on autodiff's program"] == [0.9, 1.2]
-    assert s["best"]["worst"]["layer"] == "b" and s["best"]["range on autodiff's program"] == [0.98, 1.03]
+    assert s[layers.SAME_PROGRAM_ROWS] == 2
+    assert s["median"]["worst"]["layer"] == "a" and s["median"][layers.OWN_PROGRAMS_WORST]["ratio"] == 1.1
+    assert s["median"][layers.NOISE_RANGE] == [0.9, 1.2]
+    assert s["best"]["worst"]["layer"] == "b" and s["best"][layers.NOISE_RANGE] == [0.98, 1.03]
     np.testing.assert_allclose(s["best"]["geomean"], (0.98 * 1.03 * 0.5) ** (1 / 3))
 
 

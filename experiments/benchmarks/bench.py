@@ -107,9 +107,7 @@ def progress_printer(enabled: bool):
     return progress
 
 
-SAME_PROGRAM_ROWS = "rows where custom compiles to autodiff's program"
-OWN_PROGRAMS_WORST = "worst of custom's own programs"
-NOISE_RANGE = "range on autodiff's program"
+ESTIMATE_DESCRIPTIONS = {"median": "medians of wall time", "best": "fastest calls", "cpu": "medians of CPU time"}
 
 
 def _layers_summary_lines(summary: dict) -> list[str]:
@@ -119,16 +117,17 @@ def _layers_summary_lines(summary: dict) -> list[str]:
         return "none" if w is None else f"{w['ratio']:.2f} ({w['layer']}, {w['layout']})"
 
     lines = [
-        f"custom / autodiff forward+backward time (ratios < 1: custom is faster). On {summary[SAME_PROGRAM_ROWS]} "
-        "rows custom compiles to the very program autodiff does, so there the ratio is the machine's noise.",
+        "custom / autodiff forward+backward time (ratios < 1: custom is faster). On "
+        f"{summary[layers.SAME_PROGRAM_ROWS]} rows custom compiles to the very program autodiff does, so there the "
+        "ratio is the machine's noise.",
         "",
     ]
-    for name, what in (("median", "medians of wall time"), ("best", "fastest calls"), ("cpu", "medians of CPU time")):
-        s = summary[name]
-        noise = "" if s[NOISE_RANGE] is None else "; on autodiff's program {:.2f}-{:.2f}".format(*s[NOISE_RANGE])
+    for name in layers.ESTIMATE_NAMES:
+        s, noise = summary[name], summary[name][layers.NOISE_RANGE]
         lines.append(
-            f"- {what}: geometric mean {s['geomean']:.2f}, worst {worst(s['worst'])}, worst of custom's own "
-            f"programs {worst(s[OWN_PROGRAMS_WORST])}{noise}"
+            f"- {ESTIMATE_DESCRIPTIONS[name]}: geometric mean {s['geomean']:.2f}, worst {worst(s['worst'])}, worst "
+            f"of custom's own programs {worst(s[layers.OWN_PROGRAMS_WORST])}"
+            + ("" if noise is None else f"; on autodiff's program {noise[0]:.2f}-{noise[1]:.2f}")
         )
     return [*lines, ""]
 

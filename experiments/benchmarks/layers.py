@@ -286,6 +286,11 @@ def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
 # Medians of wall time (the headline, as recorded since 2026-11-28), fastest calls (steadiest where other tenants
 # slow calls down), medians of CPU time.
 ESTIMATES = {"": "ms", " best": "best_ms", " cpu": "cpu_ms"}
+ESTIMATE_NAMES = dict(zip(("median", "best", "cpu"), ESTIMATES))  # summary key -> key suffix
+# keys of the summary
+SAME_PROGRAM_ROWS = "rows where custom compiles to autodiff's program"
+OWN_PROGRAMS_WORST = "worst of custom's own programs"
+NOISE_RANGE = "range on autodiff's program"
 
 
 def _fwd_bwd_ratios(times: dict, mode: str) -> dict:
@@ -357,9 +362,9 @@ def summary(rows, cases) -> dict:
     return {
         **{
             name: _estimate_summary(f"custom/autodiff fwd+bwd{suffix}", rows, own_programs, same_programs)
-            for name, suffix in zip(("median", "best", "cpu"), ESTIMATES)
+            for name, suffix in ESTIMATE_NAMES.items()
         },
-        "rows where custom compiles to autodiff's program": len(same_programs),
+        SAME_PROGRAM_ROWS: len(same_programs),
         "custom dW of GEMM (3x3, >= 16 channels)": {
             f"{r['layer']} {r['layout']}": r["custom dW of GEMM"] for r in wide_3x3
         },
@@ -372,8 +377,8 @@ def _estimate_summary(key: str, rows, own_programs, same_programs) -> dict:
     return {
         "geomean": math.exp(statistics.fmean(math.log(r[key]) for r in rows)),
         "worst": _worst(rows, key),
-        "worst of custom's own programs": _worst(own_programs, key),
-        "range on autodiff's program": [min(ratios), max(ratios)] if ratios else None,
+        OWN_PROGRAMS_WORST: _worst(own_programs, key),
+        NOISE_RANGE: [min(ratios), max(ratios)] if ratios else None,
     }
 
 
