@@ -98,7 +98,9 @@ def make_parser() -> outputs.Parser:
     )
     add("--flip", action="store_true", help="training augmentation: random left-right flips")
     add("--batch-size", type=int, default=128, help="global batch size (divisible by the device count with --parallel)")
-    add("--eval-batch-size", type=int, default=1000, help="test-set batch size")
+    # 250: the main job's 10,000 test images took 0.42 s a pass in batches of 250, 0.66 s in batches of 1,000
+    # (2-core AMD EPYC; 200 and 125 alike to 250); it changes no count, only the float rounding of the mean loss.
+    add("--eval-batch-size", type=int, default=250, help="test-set batch size")
     add("--epochs", type=int, default=12, help="training epochs")
     add("--steps", type=int, default=None, help="stop after this many steps instead (the schedule spans them)")
     add(

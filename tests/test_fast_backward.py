@@ -121,6 +121,19 @@ class TestExact:
         )
         np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
 
+    @settings(max_examples=30)
+    @given(conv_configs(), st.integers(0, 2**16))
+    def test_input_gradient_by_folded_columns(self, config, seed):
+        """dX with the kernel's columns folded into its channels equals the textbook one, in both layouts, 1-3-D,
+        strided, dilated and padded (negative padding too)."""
+        x_shape, w_shape, _, kwargs = config
+        assume(kwargs["groups"] == 1)
+        x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
+        assume(g.size > 0)
+        in_spatial = geometry.spatial_shape(x.shape)
+        dx = jax.jit(fast_backward.input_gradient_by_folded_columns, static_argnums=(2, 3))(g, w, geometry, in_spatial)
+        np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
+
     @settings(max_examples=20)
     @given(conv_configs(), st.integers(1, 2), st.integers(0, 2**16))
     def test_depthwise_gradients_by_taps(self, config, multiplier, seed):
@@ -156,10 +169,19 @@ class TestExact:
                 "dX phases, dW chunks of 8",
             ),
             # first layers (<= 3 input channels) chunk dW only in NHWC with <= 16 outputs
-            ("NHWC", dict(batch=16, spatial=(6, 6), c_in=3, c_out=17, kernel=3), "dX textbook, dW textbook"),
-            ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX textbook, dW textbook"),
+            ("NHWC", dict(batch=16, spatial=(6, 6), c_in=3, c_out=17, kernel=3), "dX folded_columns, dW textbook"),
+            ("NCHW", dict(batch=17, spatial=(9, 9), c_in=1, c_out=3, kernel=3), "dX folded_columns, dW textbook"),
             ("NCHW", dict(batch=17, spatial=(9, 9), c_in=4, c_out=3, kernel=3), "dX padded to 8s, dW chunks of 8"),
-            ("NHWC", dict(batch=4, spatial=(10, 10), c_in=6, c_out=16, kernel=5), "dX padded to 8s, dW textbook"),
+            ("NHWC", dict(batch=4, spatial=(10, 10), c_in=6, c_out=16, kernel=5), "dX folded_columns, dW textbook"),
+            # dX by folded columns: fewer inputs than outputs, at most 24 inputs, one input only up to 12 outputs
+            (
+                "NCHW",
+                dict(batch=2, spatial=(9, 8), c_in=4, c_out=8, kernel=3, dilation=2, padding=[2, 1]),
+                "dX folded_columns, dW textbook",
+            ),
+            ("NHWC", dict(batch=2, spatial=(9, 9), c_in=1, c_out=16, kernel=5), "dX textbook, dW textbook"),
+            ("NHWC", dict(batch=2, spatial=(6, 6), c_in=25, c_out=32, kernel=3), "dX padded to 8s, dW textbook"),
+            ("NHWC", dict(batch=2, spatial=(6, 6), c_in=16, c_out=16, kernel=3), "dX textbook, dW textbook"),
             ("NCHW", dict(batch=3, spatial=(7,), c_in=5, c_out=2, kernel=3, padding=1), "dX padded to 8s, dW textbook"),
             (
                 "NHWC",
@@ -179,7 +201,7 @@ class TestExact:
             (
                 "NHWC",
                 dict(batch=2, spatial=(6, 5), c_in=3, c_out=6, kernel=3, padding=1, groups=3),
-                "per group: dX textbook, dW textbook",
+                "per group: dX folded_columns, dW textbook",
             ),
             (
                 "NCHW",
@@ -284,12 +306,12 @@ def test_benchmark_quick_run_writes_results(tmp_path):
 
 @pytest.mark.parametrize("stride, same", [(1, True), (2, False)])
 def test_benchmark_tells_when_custom_compiles_to_autodiffs_program(stride, same):
-    """Where the plan reorders nothing (a first layer, no chunks), custom's program is autodiff's; strided dX by
-    phases is another program."""
+    """Where the plan reorders nothing (more inputs than outputs, a multiple of 8, no chunks), custom's program is
+    autodiff's; strided dX by phases is another program."""
     from experiments.benchmarks import layers
     from experiments.timing import compiled_program
 
-    case = layers.ConvCase("first layer", 4, (8, 8), 3, 4, 3, stride=stride, padding=1)
+    case = layers.ConvCase("textbook layer", 4, (8, 8), 8, 4, 3, stride=stride, padding=1)
     calls = layers.conv_calls(case, "NCHW", ("autodiff", "custom"), jax.random.key(0))
     programs = [compiled_program(fn, *args) for fn, args in (calls["custom fwd+bwd"], calls["autodiff fwd+bwd"])]
     assert (programs[0] == programs[1]) is same

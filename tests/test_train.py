@@ -228,6 +228,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert T.read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 6  # the bad step is logged
 
 
+def test_non_finite_loss_between_checkpoints_is_caught_at_its_own_step(tmp_path):
+    # fit reads a step's metrics while the next one runs; step 6 is neither an epoch end (4 steps an epoch) nor a
+    # checkpoint, so step 7 is under way when its NaN is read: the error, the log and the saves stop at step 6.
+    with pytest.raises(T.NonFiniteLossError, match="at step 6") as error:
+        tiny_fit(str(tmp_path), nan_at=5, checkpoint_every=4)
+    assert error.value.step == 6 and error.value.last_checkpoint == 4
+    assert T.Checkpoints(tmp_path / "ckpt").all_steps() == [4]
+    assert [r["step"] for r in T.read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"] == list(range(1, 7))
+
+
 def test_max_steps_ends_in_a_partial_epoch_with_a_final_checkpoint(tmp_path):
     result = tiny_fit(str(tmp_path), epochs=3, max_steps=6, checkpoint_every=4)
     assert [r["step"] for r in result.records if r["kind"] == "step"] == list(range(1, 7))

@@ -8,7 +8,8 @@ float rounding. Which one runs where is :mod:`convlib.ops.plan`'s business, not 
 timeless maths.
 
 - dX: :func:`input_gradient_by_phases` (no zero insertion), :func:`depthwise_input_gradient` (tap by tap),
-  :func:`input_gradient_with_padded_channels` (the textbook conv with zero filters up to a multiple of channels);
+  :func:`input_gradient_with_padded_channels` (the textbook conv with zero filters up to a multiple of channels),
+  :func:`input_gradient_by_folded_columns` (the kernel's columns folded into its channels);
 - dW: :func:`weight_gradient_by_chunks` (batch chunks), :func:`depthwise_weight_gradient` (tap by tap);
 - lowerings (:class:`Lowering`): :data:`PER_GROUP` (a grouped conv as independent convs), :data:`DEPTH_TAPS`
   (a 3-D conv as 2-D convs, one per depth tap).
@@ -115,6 +116,56 @@ def _phase_gradient(g, w, geometry: Geometry, phases):
         padding=tuple((p.lo, 0) for p in phases),
     )
     return input_gradient(g, _sub_kernel(w, phases, geometry), sub, tuple(p.size for p in phases))
+
+
+# --------------------------------------------------------------------------- input gradient by folded columns
+
+
+def input_gradient_by_folded_columns(g, w, geometry: Geometry, in_spatial):
+    """dE/dX with the kernel's last spatial dim (its columns) folded into its input channels: one correlation with
+    K times the output channels, then K shifted adds.
+
+    Split the textbook sum by the column tap `b` (K taps, dilation `d`, stride `s`, low padding `lo` along the last
+    spatial dim; rows stand for all the other spatial dims):
+
+        dX[.., y, x, i] = sum_b Z[.., y, q, (b, i)]      over the columns q with s q + d b - lo = x
+        Z[.., y, q, (b, i)] = sum_{a, o} G[.., y - a, q, o] W[a, b, i, o]
+
+    Z is the textbook dE/dX of a one-column conv (the rows' geometry, kernel `W'[a, 0, (b, i), o] = W[a, b, i, o]`,
+    K C_in input channels) over the output's columns: one wide correlation instead of one with C_in outputs, which
+    XLA:CPU runs slowly when C_in is small. Ungrouped convs only. Returns the input's shape.
+    """
+    axes, n = geometry.axes, geometry.ndim
+    column, c_in = axes.kernel_spatial[-1], w.shape[axes.kernel_in]
+    taps = w.shape[column]
+    # W': the column axis moved to just before C_in and merged with it into (b, i), a 1-tap column axis in its place
+    before_in = axes.kernel_in - (column < axes.kernel_in)
+    folded = jnp.moveaxis(w, column, before_in)
+    folded = folded.reshape(*folded.shape[:before_in], taps * c_in, *folded.shape[before_in + 2 :])
+    folded = jnp.expand_dims(folded, column)
+    one_column = dataclasses.replace(
+        geometry,
+        kernel=(*geometry.kernel[:-1], 1),
+        stride=(*geometry.stride[:-1], 1),
+        dilation=(*geometry.dilation[:-1], 1),
+        padding=(*geometry.padding[:-1], (0, 0)),
+    )
+    out_columns = geometry.spatial_shape(g.shape)[-1]
+    z = input_gradient(g, folded, one_column, (*in_spatial[:-1], out_columns))
+    # column tap b of Z lands at s q + d b - lo: window offset b of the columns' own geometry
+    columns = dataclasses.replace(
+        geometry,
+        stride=(*(1,) * (n - 1), geometry.stride[-1]),
+        dilation=(*(1,) * (n - 1), geometry.dilation[-1]),
+        padding=(*((0, 0),) * (n - 1), geometry.padding[-1]),
+    )
+    channel = axes.channel
+    return sum(
+        scatter_back(
+            lax.slice_in_dim(z, b * c_in, (b + 1) * c_in, axis=channel), (*(0,) * (n - 1), b), columns, in_spatial
+        )
+        for b in range(taps)
+    )
 
 
 # --------------------------------------------------------------------------- weight gradient by batch chunks

@@ -49,6 +49,7 @@ DX_PADDED = Formulation(
     functools.partial(fast_backward.input_gradient_with_padded_channels, multiple=CHANNEL_MULTIPLE),
     f" to {CHANNEL_MULTIPLE}s",
 )
+DX_FOLDED = Formulation("folded_columns", fast_backward.input_gradient_by_folded_columns)
 DW_TEXTBOOK = Formulation("textbook", textbook.weight_gradient)
 DW_TAPS = Formulation("taps", fast_backward.depthwise_weight_gradient)
 
@@ -107,6 +108,15 @@ MAX_PLANNED_GROUPS = 4  # more groups: textbook per group, a bounded op count
 # kept: 3 -> 16 k3 NHWC 0.83 vs 0.91, 1 -> 16 k5 NHWC 0.73 vs 0.92).
 FEW_INPUT_CHANNELS = 3
 FEW_INPUT_CHUNK_MAX_OUT = 16
+# dX with the kernel's columns folded into its channels (2-D, ungrouped, stride 1, convs on Eigen), dX alone,
+# folded / the plan's before, interleaved medians, batch 128 (LeNet 256), NHWC (NCHW): the main job's C2
+# 16 -> 32 5x5 0.46 (0.57), LeNet C3 6 -> 16 0.28 (0.29), LeNet C1 1 -> 6 0.42 (0.43), ResNet stem 3 -> 16 0.39
+# (0.44), VGG conv1 3 -> 64 0.40 (0.88), AlexNet conv1 3 -> 48 0.24 (0.31), AlexNet conv2's groups 24 -> 64
+# 0.74 (0.84), 16 -> 32 3x3 0.86; not faster: C_in >= C_out (16 -> 16 0.95-1.04, 32 -> 32 1.15-1.20, 32 -> 16
+# 1.18), C_in >= 32 (32 -> 64 0.94-1.03), one input channel to 16-24 outputs (1 -> 16 5x5 1.06-1.44, 1 -> 24
+# 0.87-1.04), 1-D (32 -> 32 k5 1.30 (1.65)).
+FOLD_MAX_IN = 24
+FOLD_ONE_CHANNEL_MAX_OUT = 12
 
 
 def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
@@ -120,7 +130,10 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
     - 3-D: one 2-D conv per depth tap, depth folded into the batch;
     - other groups: one conv per group, since grouped convs never reach that library (each planned as below for
       up to `MAX_PLANNED_GROUPS` groups, else textbook);
-    - dX: by phases when strided (no zero insertion); else, with 4 or more input channels but not a multiple of
+    - dX: by phases when strided (no zero insertion); else, in 2-D with fewer input than output channels and at
+      most `FOLD_MAX_IN` inputs (one input only with at most `FOLD_ONE_CHANNEL_MAX_OUT` outputs), with the
+      kernel's columns folded into its channels (one wide conv instead of a narrow one: LeNet C3 3.5x, the main
+      job's C2 2.2x faster); else, with 4 or more input channels but not a multiple of
       `CHANNEL_MULTIPLE`, textbook with zero filters up to that multiple (Eigen, 8-float vectors: 16 -> 6 5x5
       (LeNet C3) 1.5-2.2x, -> 4 3x3 3x, -> 12 1.4x, -> 20 1.25x faster; -> 3 alike); else textbook;
     - dW: in batch chunks when there are at least two (1-D or 2-D): each chunk's operands stay in cache and the
@@ -149,6 +162,8 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
         return _lowered(fast_backward.PER_GROUP, geometry, x_shape, w_shape)
     if any(s > 1 for s in geometry.stride):
         dx = DX_PHASES
+    elif _folding_pays(geometry, c_in, c_out):
+        dx = DX_FOLDED
     elif c_in >= 4 and c_in % CHANNEL_MULTIPLE:
         dx = DX_PADDED
     else:
@@ -214,6 +229,13 @@ def _lowered(lowering: fast_backward.Lowering, geometry: Geometry, x_shape, w_sh
     shapes = (jax.ShapeDtypeStruct(s, "float32") for s in (x_shape, w_shape, g_shape))
     x_i, w_i, _ = jax.eval_shape(functools.partial(lowering.split, geometry), *shapes)[0]
     return Lowered(lowering, plan(lowering.sub_geometry(geometry), x_i.shape, w_i.shape, "cpu"))
+
+
+def _folding_pays(geometry: Geometry, c_in: int, c_out: int) -> bool:
+    """Whether dX by folded columns beats the textbook (stride 1): 2-D, ungrouped, fewer inputs than outputs, at
+    most `FOLD_MAX_IN` inputs, and one input channel only with at most `FOLD_ONE_CHANNEL_MAX_OUT` outputs."""
+    few_inputs = c_in <= FOLD_MAX_IN and (c_in > 1 or c_out <= FOLD_ONE_CHANNEL_MAX_OUT)
+    return geometry.ndim == 2 and geometry.groups == 1 and c_in < c_out and few_inputs
 
 
 def _chunks_pay(geometry: Geometry, c_in: int, c_out: int) -> bool:

@@ -343,8 +343,10 @@ def fit(
       metrics_path: JSON-lines log, rewritten atomically (by process 0 only) at every epoch end, evaluation and
         checkpoint; every process reads it back on resume. Step records: ``{"kind": "step", "step", "epoch",
         "loss", "accuracy", "grad_norm", "learning_rate", "batch_size", "time_s", "images_per_s"}``
-        (``batch_size``: the global batch; the time includes fetching the batch, not evaluations or checkpoints;
-        a process's first step includes compilation and is left out of the throughputs). Epoch records:
+        (``batch_size``: the global batch; ``time_s``: from the previous step's metrics, or the last evaluation or
+        checkpoint, to this step's; a process's first step includes compilation and is left out of the
+        throughputs). A step's metrics are read while the next step runs, except where its state is evaluated or
+        saved, so the host's work overlaps the device's. Epoch records:
         ``{"kind": "epoch", "step", "epoch", "train_loss", "train_accuracy", "images_per_s", "test_loss",
         "test_accuracy"}``; evaluation records
         (``eval_every``): ``{"kind": "eval", "step", "epoch", "train_loss", "train_accuracy", "test_loss",
@@ -386,29 +388,44 @@ def fit(
     log = MetricsLog(metrics_path, resumed_at=step)
     placed = parallel.put_state(state)
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+
+    def read(step: int, epoch: int, metrics, batch_size: int, *, started: float) -> float:
+        """Logs and checks the metrics of update `step` (dispatched after `started`); returns when they came."""
+        metrics, now = parallel.host_metrics(metrics), time.perf_counter()
+        log.step(step, epoch, metrics, batch_size, now - started)
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            last = None if checkpointer is None else checkpointer.last_saved
+            raise NonFiniteLossError(step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
+        return now
+
     try:
         with _stop_requests() as stop_requested:
             tick = time.perf_counter()
+            pending = None  # (step, epoch, device metrics, batch size) of the last step dispatched, not yet read
             for epoch, batch in _batches(epoch_batches, step, total, steps_per_epoch):
                 batch = parallel.put_batch(batch)
                 placed, metrics = parallel.train_step(placed, batch)
-                metrics = parallel.host_metrics(metrics)
-                step, now = step + 1, time.perf_counter()
+                if pending is not None:  # the previous step's metrics are read while this one runs
+                    tick = read(*pending, started=tick)
+                step += 1
                 # the global batch, also when split across devices or processes
-                log.step(step, epoch, metrics, int(batch["label"].size), now - tick)
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    last = None if checkpointer is None else checkpointer.last_saved
-                    raise NonFiniteLossError(step, f"loss {metrics['loss']} (grad_norm {metrics['grad_norm']})", last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
-                logged = len(log.records)
-                if eval_every and eval_batches is not None and (step % eval_every == 0 or step == total):
-                    _report(bar, progress, log.evaluation(step, epoch, evaluate(parallel, placed, eval_batches())))
-                if step == min(total, (epoch + 1) * steps_per_epoch):  # the epoch ends
-                    at_end = None if eval_every or eval_batches is None else evaluate(parallel, placed, eval_batches())
-                    _report(bar, progress, log.epoch(epoch, step, at_end))
+                pending = (step, epoch, metrics, int(batch["label"].size))
+                evaluating = eval_every and eval_batches is not None and (step % eval_every == 0 or step == total)
+                ends_epoch = step == min(total, (epoch + 1) * steps_per_epoch)
                 stopping = stop_requested.is_set()
                 saving = checkpointer is not None and (checkpointer.due(step) or step == total or stopping)
+                if not (evaluating or ends_epoch or saving or stopping):
+                    continue
+                # this step's state is evaluated or saved: its metrics are read (and checked) first
+                read(*pending, started=tick)
+                pending, logged = None, len(log.records)
+                if evaluating:
+                    _report(bar, progress, log.evaluation(step, epoch, evaluate(parallel, placed, eval_batches())))
+                if ends_epoch:
+                    at_end = None if eval_every or eval_batches is None else evaluate(parallel, placed, eval_batches())
+                    _report(bar, progress, log.epoch(epoch, step, at_end))
                 # the log first: a process killed right after a checkpoint must not lose that checkpoint's steps
                 if saving or len(log.records) > logged:
                     log.write()
