@@ -7,6 +7,12 @@ time is the computation's, not its dispatch. The wall time's median and minimum 
 (`best_ms`, as `timeit` advises) is the steadiest estimate of the work itself: on this project's shared 2-core
 machine, one program's calls in 28 rounds spread over up to 1.8x, and two compilations of one program compared
 by medians of 7 calls differed by up to 23 %, by minima of 14 calls by up to 5 % (docs/performance.md).
+
+Two libraries in one process disturb each other through their idle threads: PyTorch's OpenMP workers spin for a
+while after each call, on the very cores the next JAX call needs. With `lead_in=1` each timed call follows one
+untimed call of the same function, so whatever ran before has gone quiet (2-core Intel Xeon, 2026-12-06, LeNet-5
+training steps: JAX alone 10.3 ms, right after a PyTorch step 11.7 ms, after a lead-in call 10.35 ms; PyTorch
+8.3-8.4 ms in all three).
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ def jit(fn: Callable, **kwargs) -> Callable:
     return jax.jit(fn, compiler_options=compiler_options(jax.default_backend()), **kwargs)
 
 
-def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+def interleaved_times(
+    calls: dict[str, tuple[Callable, tuple]], repeats: int, warmup: int = 1, lead_in: int = 0
+) -> dict[str, dict]:
     """Median and fastest wall milliseconds and median CPU milliseconds of each `fn(*args)` in `calls`
-    (name -> (fn, args)), after `warmup` calls each (the first compiles). A PyTorch function must synchronise itself.
+    (name -> (fn, args)), after `warmup` calls each (the first compiles); in each round every timed call follows
+    `lead_in` untimed calls of its own function (for calls of different libraries, see the module's docstring).
+    A PyTorch function must synchronise itself.
     Returns name -> {"ms": median wall, "best_ms": fastest wall, "cpu_ms": median process CPU time}.
 
     >>> import jax.numpy as jnp
@@ -37,8 +47,10 @@ def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, wa
     >>> times["sum"]["best_ms"] <= times["sum"]["ms"]
     True
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats!r} and {warmup!r}")
+    if repeats < 1 or warmup < 0 or lead_in < 0:
+        raise ValueError(
+            f"repeats must be >= 1, warmup and lead_in >= 0, got {repeats!r}, {warmup!r} and {lead_in!r}"
+        )
     for fn, args in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
@@ -46,6 +58,8 @@ def interleaved_times(calls: dict[str, tuple[Callable, tuple]], repeats: int, wa
     cpu = {name: [] for name in calls}
     for _ in range(repeats):
         for name, (fn, args) in calls.items():
+            for _ in range(lead_in):
+                jax.block_until_ready(fn(*args))
             start_cpu, start = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
             wall[name].append(time.perf_counter() - start)

@@ -356,3 +356,21 @@ def test_interleaved_times_gives_the_fastest_call_and_the_median(monkeypatch):
 
     t = timing.interleaved_times({"f": (f, ())}, repeats=3, warmup=0)["f"]
     np.testing.assert_allclose([t["best_ms"], t["ms"]], [1.0, 2.0])
+
+
+def test_interleaved_times_leaves_the_lead_in_calls_untimed(monkeypatch):
+    """On a fake clock: each timed call of f (1, 2, 3 ms) follows one untimed call that lasts 50 ms."""
+    from experiments import timing
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    durations = iter([50e-3, 1e-3, 50e-3, 2e-3, 50e-3, 3e-3])
+
+    def f():
+        clock["now"] += next(durations)
+        return jnp.zeros(())
+
+    t = timing.interleaved_times({"f": (f, ())}, repeats=3, warmup=0, lead_in=1)["f"]
+    np.testing.assert_allclose([t["best_ms"], t["ms"]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="lead_in"):
+        timing.interleaved_times({"f": (f, ())}, repeats=1, lead_in=-1)

@@ -47,7 +47,8 @@ def model_row(
     torch = torch_module() if with_torch and name in _torch_models() else None
     if torch is not None:
         calls["torch"] = (_torch_models()[name](name, batch, in_channels, size), ())
-    times = interleaved_times(calls, repeats)
+    # PyTorch's spinning OpenMP workers slow the JAX step right after its own: each timed step follows one untimed
+    times = interleaved_times(calls, repeats, lead_in=1 if torch is not None else 0)
     row = {
         "model": name,
         "batch": batch,
