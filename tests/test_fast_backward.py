@@ -234,25 +234,27 @@ class TestExact:
         assert str(planned) == expected
 
     @settings(max_examples=40)
-    @given(blockable_configs(), st.integers(0, 2**16))
-    def test_forward_by_space_to_depth(self, config, seed):
-        """The space-to-depth forward equals the textbook forward and the float64 loop oracle, on every 2-D
-        stride-1 NHWC conv (kernels 1 to 5, odd and even sizes, negative padding, empty batches)."""
+    @given(blockable_configs(), st.integers(0, 2**16), st.sampled_from([2, 3, 4]))
+    def test_forward_by_space_to_depth(self, config, seed, block):
+        """The space-to-depth forward, in blocks of 2, 3 or 4 pixels a side, equals the textbook forward and the
+        float64 loop oracle, on every 2-D stride-1 NHWC conv (kernels 1 to 5, odd and even sizes, negative padding,
+        empty batches)."""
         x_shape, w_shape, has_bias, padding = config
         x, w, b = random_arrays(seed, x_shape, w_shape, has_bias, "NHWC")
         geometry = conv_geometry(x, w, b, padding=padding)
         x, w = jnp.asarray(x), jnp.asarray(w)
         b = None if b is None else jnp.asarray(b)
-        y = jax.jit(fast_forward.forward_by_space_to_depth, static_argnums=3)(x, w, b, geometry)
+        y = jax.jit(fast_forward.forward_by_space_to_depth, static_argnums=(3, 4))(x, w, b, geometry, block)
         np.testing.assert_allclose(y, textbook.forward(x, w, b, geometry), rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(y, ops.conv_loops(x, w, b, padding=padding), rtol=RTOL, atol=ATOL)
 
     @pytest.mark.parametrize(
         "x_shape, w_shape, kwargs, expected",
         [
-            ((4, 32, 32, 1), (5, 5, 1, 6), {}, "space_to_depth"),  # LeNet C1
-            ((4, 32, 32, 3), (3, 3, 3, 16), {"padding": 1}, "space_to_depth"),  # ResNet stem
-            ((4, 14, 14, 6), (5, 5, 6, 16), {}, "space_to_depth"),  # LeNet C3
+            ((4, 32, 32, 1), (5, 5, 1, 6), {}, "space_to_depth 4x4"),  # LeNet C1
+            ((4, 28, 28, 1), (5, 5, 1, 16), {"padding": 2}, "space_to_depth 4x4"),  # the main job's C1
+            ((4, 32, 32, 3), (3, 3, 3, 16), {"padding": 1}, "space_to_depth 2x2"),  # ResNet stem
+            ((4, 14, 14, 6), (5, 5, 6, 16), {}, "space_to_depth 2x2"),  # LeNet C3
             ((4, 32, 32, 3), (3, 3, 3, 64), {"padding": 1}, "textbook"),  # VGG's first conv: measured slower
             ((4, 32, 32, 8), (3, 3, 8, 16), {"padding": 1}, "textbook"),
             ((4, 32, 32, 3), (3, 3, 3, 16), {"stride": 2}, "textbook"),

@@ -24,7 +24,7 @@ from convlib.ops.geometry import Geometry
 BLOCK = 2  # side of the space-to-depth block
 
 
-def forward_by_space_to_depth(x, w, b, geometry: Geometry):
+def forward_by_space_to_depth(x, w, b, geometry: Geometry, block: int = BLOCK):
     """Y = X (*) W + b for a 2-D, stride-1, undilated, ungrouped NHWC conv, by space-to-depth (module docstring).
 
     x: (N, H, W, C_in); w: (K_h, K_w, C_in, C_out); b: (C_out,) or None. Returns (N, H_out, W_out, C_out).
@@ -41,32 +41,32 @@ def forward_by_space_to_depth(x, w, b, geometry: Geometry):
     with jax.named_scope("convlib.conv.forward.space_to_depth"):
         n, c, c_out = x.shape[0], x.shape[-1], w.shape[-1]
         out = geometry.output_spatial(x.shape[1:3])
-        kernel = tuple(k // BLOCK + 1 for k in geometry.kernel)  # ceil((K + 1) / 2)
-        cells = tuple(-(-o // BLOCK) + k - 1 for o, k in zip(out, kernel))  # blocks the output's blocks read
+        kernel = tuple((k + block - 2) // block + 1 for k in geometry.kernel)  # ceil((K + block - 1) / block)
+        cells = tuple(-(-o // block) + k - 1 for o, k in zip(out, kernel))  # blocks the output's blocks read
         # the conv's padding, then zeros up to whole blocks (or a crop of rows no output reads)
-        widths = [(lo, BLOCK * m - h - lo, 0) for (lo, _), m, h in zip(geometry.padding, cells, x.shape[1:3])]
+        widths = [(lo, block * m - h - lo, 0) for (lo, _), m, h in zip(geometry.padding, cells, x.shape[1:3])]
         x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *widths, (0, 0, 0)])
-        xs = _to_blocks(x, cells, c)
+        xs = _to_blocks(x, cells, c, block)
         ws = jnp.concatenate(
-            [_shifted_block_kernel(w, kernel, a, bb) for a in range(BLOCK) for bb in range(BLOCK)], axis=-1
+            [_shifted_block_kernel(w, kernel, a, bb, block) for a in range(block) for bb in range(block)], axis=-1
         )
         y = lax.conv_general_dilated(xs, ws, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         blocks = y.shape[1:3]
-        y = y.reshape(n, *blocks, BLOCK, BLOCK, c_out).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(n, BLOCK * blocks[0], BLOCK * blocks[1], c_out)[:, : out[0], : out[1]]
+        y = y.reshape(n, *blocks, block, block, c_out).transpose(0, 1, 3, 2, 4, 5)
+        y = y.reshape(n, block * blocks[0], block * blocks[1], c_out)[:, : out[0], : out[1]]
         return y if b is None else y + b
 
 
-def _to_blocks(x, cells, c):
-    """(N, 2 h, 2 w, C) -> (N, h, w, 4 C), each block's pixels (row u, column v) stacked as channels (u, v, c)."""
-    x = x.reshape(x.shape[0], cells[0], BLOCK, cells[1], BLOCK, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(x.shape[0], *cells, BLOCK * BLOCK * c)
+def _to_blocks(x, cells, c, block: int):
+    """(N, B h, B w, C) -> (N, h, w, B² C), each block's pixels (row u, column v) stacked as channels (u, v, c)."""
+    x = x.reshape(x.shape[0], cells[0], block, cells[1], block, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(x.shape[0], *cells, block * block * c)
 
 
-def _shifted_block_kernel(w, kernel, a: int, b: int):
-    """The block kernel (k_h, k_w, 4 C_in, C_out) of output phase (a, b): `w` placed at offset (a, b) in a zero
-    kernel of side 2 k, cut into 2x2 blocks like the input."""
+def _shifted_block_kernel(w, kernel, a: int, b: int, block: int):
+    """The block kernel (k_h, k_w, B² C_in, C_out) of output phase (a, b): `w` placed at offset (a, b) in a zero
+    kernel of side B k, cut into BxB blocks like the input."""
     k_h, k_w, c, o = w.shape
-    placed = jnp.zeros((BLOCK * kernel[0], BLOCK * kernel[1], c, o), w.dtype).at[a : a + k_h, b : b + k_w].set(w)
-    placed = placed.reshape(kernel[0], BLOCK, kernel[1], BLOCK, c, o).transpose(0, 2, 1, 3, 4, 5)
-    return placed.reshape(*kernel, BLOCK * BLOCK * c, o)
+    placed = jnp.zeros((block * kernel[0], block * kernel[1], c, o), w.dtype).at[a : a + k_h, b : b + k_w].set(w)
+    placed = placed.reshape(kernel[0], block, kernel[1], block, c, o).transpose(0, 2, 1, 3, 4, 5)
+    return placed.reshape(*kernel, block * block * c, o)
