@@ -48,9 +48,7 @@ def interleaved_times(
     True
     """
     if repeats < 1 or warmup < 0 or lead_in < 0:
-        raise ValueError(
-            f"repeats must be >= 1, warmup and lead_in >= 0, got {repeats!r}, {warmup!r} and {lead_in!r}"
-        )
+        raise ValueError(f"repeats must be >= 1, warmup and lead_in >= 0, got {repeats!r}, {warmup!r} and {lead_in!r}")
     for fn, args in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
