@@ -3,8 +3,9 @@
 With window `K`, stride `s` and padding `(lo, hi)` per spatial dim, output `i`
 reads the padded input at `s i + k` for the window offsets `k`. The backward
 scatters each output's cotangent `G[i]` back to those positions, one window
-offset at a time (a strided `lax.pad` per offset; for an average over windows that tile the input,
-stride = window, a repeat of each spatial dim), and crops the padding:
+offset at a time (a strided `lax.pad` per offset), and crops the padding; windows that tile the input
+(stride = window) need no scatter: the input is cut into its tiles by a reshape, and each tile's gradient is
+written in place (max: to the least offset holding the maximum; avg: a repeat of each spatial dim):
 
     max:  dE/dX[s i + k] += G[i]          for the FIRST k (row-major) where X[s i + k] == Y[i]
     avg:  dE/dX[s i + k] += G[i] / D[i]   for every k, D = the divisor of the forward
@@ -114,25 +115,49 @@ def _custom_max_pool_bwd(geometry, residuals, g):
 def _first_maximum_gradient(x, y, g, geometry: Geometry):
     """dE/dX[s i + k] += G[i] at the first offset k (row-major) where the window's value is Y[i] (or both NaN).
 
-    Windows that tile the input (stride = window) are cut out of it by a reshape and their gradients put back by
-    one (each input then takes at most one cotangent); overlapping ones scatter back offset by offset."""
+    Windows that tile the input (stride = window) are cut out of it by a reshape (:func:`_first_maximum_in_tiles`);
+    overlapping ones scatter back offset by offset."""
     x_padded = pad_spatial(x, geometry, -jnp.inf)
+    in_spatial = geometry.spatial_shape(x.shape)
+    if geometry.stride == geometry.kernel:
+        return _first_maximum_in_tiles(x_padded, y, g, geometry, in_spatial)
     out_spatial = geometry.spatial_shape(y.shape)
-    tiles = geometry.stride == geometry.kernel
-    if tiles:
-        x_padded = _as_tiles(x_padded, geometry, out_spatial)
     taken = jnp.zeros(y.shape, bool)
-    y_is_nan = jnp.isnan(y)
     gradients = []
     for offset in window_offsets(geometry):
-        view = _tile_view(x_padded, offset, geometry) if tiles else window_view(x_padded, offset, geometry, out_spatial)
-        hit = ((view == y) | (jnp.isnan(view) & y_is_nan)) & ~taken
+        hit = _is_maximum(window_view(x_padded, offset, geometry, out_spatial), y) & ~taken
         taken = taken | hit
         gradients.append(jnp.where(hit, g, 0))
-    in_spatial = geometry.spatial_shape(x.shape)
-    if tiles:
-        return _from_tiles(jnp.stack(gradients, axis=-1), geometry, in_spatial)
     return sum(scatter_back(d, o, geometry, in_spatial) for d, o in zip(gradients, window_offsets(geometry)))
+
+
+def _is_maximum(values, y):
+    """Where `values` equal their window's maximum `y` (broadcast), NaN counting as equal to NaN."""
+    return (values == y) | (jnp.isnan(values) & jnp.isnan(y))
+
+
+def _first_maximum_in_tiles(x_padded, y, g, geometry: Geometry, in_spatial):
+    """The max-pool backward for windows that tile the input: each tile's first maximum is the least row-major
+    offset among the positions equal to its maximum (one reduction over the tile), and the tile's cotangent goes
+    to the position of that offset, written in the input's own layout (no offset-by-offset pass)."""
+    tiled = _as_tiles(x_padded, geometry, geometry.spatial_shape(y.shape))
+    tile_axes = tuple(axis + j + 1 for j, axis in enumerate(geometry.spatial_axes))  # each K right after its axis
+    offsets_shape = [1] * tiled.ndim
+    for axis, k in zip(tile_axes, geometry.kernel):
+        offsets_shape[axis] = k
+    offsets = np.arange(np.prod(geometry.kernel)).reshape(offsets_shape)  # row-major offset in the tile
+    y, g = jnp.expand_dims(y, tile_axes), jnp.expand_dims(g, tile_axes)
+    first = jnp.min(jnp.where(_is_maximum(tiled, y), offsets, offsets.size), axis=tile_axes, keepdims=True)
+    gradient = jnp.where(offsets == first, g, 0)
+    return _tiles_to_input(gradient.reshape(_untiled_shape(tiled.shape, tile_axes)), geometry, in_spatial)
+
+
+def _untiled_shape(shape, tile_axes) -> list[int]:
+    """The shape with each K axis merged into the tiles axis before it."""
+    shape = list(shape)
+    for axis in reversed(tile_axes):
+        shape[axis - 1 : axis + 1] = [shape[axis - 1] * shape[axis]]
+    return shape
 
 
 def _as_tiles(x_padded, geometry: Geometry, out_spatial):
@@ -144,28 +169,6 @@ def _as_tiles(x_padded, geometry: Geometry, out_spatial):
     for n, o, k in zip(crop.shape, sizes, kernel):
         shape.extend((n,) if k is None else (o, k))
     return crop.reshape(shape)
-
-
-def _tile_view(tiled, offset, geometry: Geometry):
-    """Element `offset` of every tile: the K axes of :func:`_as_tiles` indexed away."""
-    for axis, k in zip(geometry.spatial_axes, offset):
-        # spatial axis j sits at axis + j, its K axis at axis + j + 1; j earlier K axes are already gone
-        tiled = lax.index_in_dim(tiled, k, axis + 1, keepdims=False)
-    return tiled
-
-
-def _from_tiles(gradients, geometry: Geometry, in_spatial):
-    """(..., prod K) tile gradients, offsets row-major on the last axis, back to the input's shape: each K axis
-    moved after its spatial axis and merged, then cut to the input (:func:`_tiles_to_input`)."""
-    rank = gradients.ndim - 1
-    gradients = gradients.reshape(*gradients.shape[:-1], *geometry.kernel)
-    order = []
-    for axis in range(rank):
-        order.append(axis)
-        if axis in geometry.spatial_axes:
-            order.append(rank + geometry.spatial_axes.index(axis))
-    shape = [n * k for n, k in zip(gradients.shape[:rank], full_rank(geometry, geometry.kernel, 1))]
-    return _tiles_to_input(gradients.transpose(order).reshape(shape), geometry, in_spatial)
 
 
 _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
