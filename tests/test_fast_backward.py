@@ -160,6 +160,21 @@ class TestExact:
             atol=ATOL,
         )
 
+    @settings(max_examples=30)
+    @given(blockable_configs(), st.integers(0, 2**16), st.sampled_from([2, 3, 4]), st.integers(1, 3))
+    def test_weight_gradient_by_space_to_depth(self, config, seed, block, chunk):
+        """dW as the weight gradient of the space-to-depth conv, folded back onto the taps, equals the textbook dW
+        on every 2-D stride-1 NHWC conv (kernels 1 to 5, negative padding), in blocks of 2-4 and any chunk."""
+        x_shape, w_shape, _, padding = config
+        x, w, _ = random_arrays(seed, x_shape, w_shape, False, "NHWC")
+        geometry = conv_geometry(x, w, padding=padding)
+        g = np.random.default_rng(seed + 1).standard_normal(ops.conv(x, w, padding=padding).shape)
+        assume(g.size > 0)
+        dw = jax.jit(fast_backward.weight_gradient_by_space_to_depth, static_argnums=(2, 3, 4, 5))(
+            x, g, geometry, w.shape, block, chunk
+        )
+        np.testing.assert_allclose(dw, weight_gradient(x, g, geometry, w.shape), rtol=RTOL, atol=ATOL)
+
     @pytest.mark.parametrize(
         "layout, shape, expected",
         [
@@ -180,6 +195,13 @@ class TestExact:
                 "dX folded_columns, dW textbook",
             ),
             ("NHWC", dict(batch=2, spatial=(9, 9), c_in=1, c_out=16, kernel=5), "dX textbook, dW textbook"),
+            # one input channel to at most 6 outputs (LeNet C1): dW as the blocked conv's, in chunks
+            (
+                "NHWC",
+                dict(batch=35, spatial=(12, 11), c_in=1, c_out=6, kernel=5, padding=1),
+                "dX folded_columns, dW space_to_depth 2x2 in chunks of 32",
+            ),
+            ("NCHW", dict(batch=3, spatial=(12, 12), c_in=1, c_out=6, kernel=5), "dX folded_columns, dW textbook"),
             ("NHWC", dict(batch=2, spatial=(6, 6), c_in=25, c_out=32, kernel=3), "dX padded to 8s, dW textbook"),
             ("NHWC", dict(batch=2, spatial=(6, 6), c_in=16, c_out=16, kernel=3), "dX textbook, dW textbook"),
             ("NCHW", dict(batch=3, spatial=(7,), c_in=5, c_out=2, kernel=3, padding=1), "dX padded to 8s, dW textbook"),
@@ -201,7 +223,7 @@ class TestExact:
             (
                 "NHWC",
                 dict(batch=2, spatial=(6, 5), c_in=3, c_out=6, kernel=3, padding=1, groups=3),
-                "per group: dX folded_columns, dW textbook",
+                "per group: dX folded_columns, dW space_to_depth 2x2 in chunks of 32",
             ),
             (
                 "NCHW",

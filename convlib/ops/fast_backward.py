@@ -10,7 +10,8 @@ timeless maths.
 - dX: :func:`input_gradient_by_phases` (no zero insertion), :func:`depthwise_input_gradient` (tap by tap),
   :func:`input_gradient_with_padded_channels` (the textbook conv with zero filters up to a multiple of channels),
   :func:`input_gradient_by_folded_columns` (the kernel's columns folded into its channels);
-- dW: :func:`weight_gradient_by_chunks` (batch chunks), :func:`depthwise_weight_gradient` (tap by tap);
+- dW: :func:`weight_gradient_by_chunks` (batch chunks), :func:`depthwise_weight_gradient` (tap by tap),
+  :func:`weight_gradient_by_space_to_depth` (the weight gradient of the space-to-depth forward's blocked conv);
 - lowerings (:class:`Lowering`): :data:`PER_GROUP` (a grouped conv as independent convs), :data:`DEPTH_TAPS`
   (a 3-D conv as 2-D convs, one per depth tap).
 """
@@ -25,7 +26,8 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 from jax import lax
 
-from convlib.ops.geometry import Geometry
+from convlib.ops.fast_forward import block_kernel, input_in_blocks, to_blocks
+from convlib.ops.geometry import Geometry, make_geometry
 from convlib.ops.textbook import full_correlation_padding, input_gradient, weight_gradient
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
 
@@ -197,6 +199,36 @@ def weight_gradient_by_chunks(x, g, geometry: Geometry, kernel_shape, chunk: int
         weight_gradient(x[start : start + chunk], g[start : start + chunk], geometry, kernel_shape)
         for start in range(0, x.shape[0], chunk)
     )
+
+
+def weight_gradient_by_space_to_depth(x, g, geometry: Geometry, kernel_shape, block: int, chunk: int):
+    """dE/dW of a 2-D, stride-1, undilated, ungrouped NHWC conv as the weight gradient of its space-to-depth form
+    (:mod:`convlib.ops.fast_forward`: `Xs`, the input in `block` x `block` blocks; `Gs`, G padded with zeros to
+    whole blocks and cut alike, output phase (a, b) as channels), folded back onto the kernel's taps:
+
+        dE/dWs[p, q, (u, v, c), (a, b, o)] = sum_{n, i, j} Xs[n, i + p, j + q, (u, v, c)] Gs[n, i, j, (a, b, o)]
+        dE/dW[k_h, k_w, c, o] = sum_{a, b} dE/dWs[p, q, (u, v, c), (a, b, o)]   at B p + u - a = k_h, B q + v - b = k_w
+
+    Each textbook product X[n, y + k_h, x + k_w, c] G[n, y, x, o] appears once (output pixel (y, x) = (B i + a,
+    B j + b) meets input row B (i + p) + u); the others are products with G's zero padding, and the entries of
+    taps outside the kernel are dropped, not added. The blocked correlation runs in batch chunks of `chunk`
+    images (:func:`weight_gradient_by_chunks`). Returns the kernel's shape.
+    """
+    k_h, k_w, c, c_out = kernel_shape
+    kernel = block_kernel(geometry.kernel, block)
+    out = geometry.spatial_shape(g.shape)
+    blocks = tuple(-(-o // block) for o in out)
+    g = lax.pad(
+        g, jnp.zeros((), g.dtype), [(0, 0, 0), *((0, block * m - o, 0) for m, o in zip(blocks, out)), (0, 0, 0)]
+    )
+    blocked_shape = (*kernel, block * block * c, block * block * c_out)
+    dws = weight_gradient_by_chunks(
+        input_in_blocks(x, geometry, block), to_blocks(g, blocks, block), make_geometry(2, kernel), blocked_shape, chunk
+    )
+    # (p, q, u, v, c, a, b, o) -> (a, b, B p + u, B q + v, c, o): phase (a, b)'s kernel, tap B p + u - a at row B p + u
+    phases = dws.reshape(*kernel, block, block, c, block, block, c_out).transpose(5, 6, 0, 2, 1, 3, 4, 7)
+    phases = phases.reshape(block, block, block * kernel[0], block * kernel[1], c, c_out)
+    return sum(phases[a, b, a : a + k_h, b : b + k_w] for a in range(block) for b in range(block))
 
 
 # --------------------------------------------------------------------------- depthwise convs by taps

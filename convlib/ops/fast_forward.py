@@ -39,14 +39,10 @@ def forward_by_space_to_depth(x, w, b, geometry: Geometry, block: int = BLOCK):
     ((2, 7, 7, 6), True)
     """
     with jax.named_scope("convlib.conv.forward.space_to_depth"):
-        n, c, c_out = x.shape[0], x.shape[-1], w.shape[-1]
+        n, c_out = x.shape[0], w.shape[-1]
         out = geometry.output_spatial(x.shape[1:3])
-        kernel = tuple((k + block - 2) // block + 1 for k in geometry.kernel)  # ceil((K + block - 1) / block)
-        cells = tuple(-(-o // block) + k - 1 for o, k in zip(out, kernel))  # blocks the output's blocks read
-        # the conv's padding, then zeros up to whole blocks (or a crop of rows no output reads)
-        widths = [(lo, block * m - h - lo, 0) for (lo, _), m, h in zip(geometry.padding, cells, x.shape[1:3])]
-        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *widths, (0, 0, 0)])
-        xs = _to_blocks(x, cells, c, block)
+        kernel = block_kernel(geometry.kernel, block)
+        xs = input_in_blocks(x, geometry, block)
         ws = jnp.concatenate(
             [_shifted_block_kernel(w, kernel, a, bb, block) for a in range(block) for bb in range(block)], axis=-1
         )
@@ -57,8 +53,23 @@ def forward_by_space_to_depth(x, w, b, geometry: Geometry, block: int = BLOCK):
         return y if b is None else y + b
 
 
-def _to_blocks(x, cells, c, block: int):
+def block_kernel(kernel, block: int) -> tuple[int, ...]:
+    """The block kernel's side per spatial dim, `ceil((K + block - 1) / block)`: the blocks one output block reads."""
+    return tuple((k + block - 2) // block + 1 for k in kernel)
+
+
+def input_in_blocks(x, geometry: Geometry, block: int):
+    """(N, H, W, C) padded by the conv's padding, then with zeros up to the whole blocks the outputs read (or
+    cropped of rows no output reads), as blocks: (N, h, w, B² C) (:func:`to_blocks`)."""
+    out = geometry.output_spatial(x.shape[1:3])
+    cells = tuple(-(-o // block) + k - 1 for o, k in zip(out, block_kernel(geometry.kernel, block)))
+    widths = [(lo, block * m - h - lo, 0) for (lo, _), m, h in zip(geometry.padding, cells, x.shape[1:3])]
+    return to_blocks(lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *widths, (0, 0, 0)]), cells, block)
+
+
+def to_blocks(x, cells, block: int):
     """(N, B h, B w, C) -> (N, h, w, B² C), each block's pixels (row u, column v) stacked as channels (u, v, c)."""
+    c = x.shape[-1]
     x = x.reshape(x.shape[0], cells[0], block, cells[1], block, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(x.shape[0], *cells, block * block * c)
 
