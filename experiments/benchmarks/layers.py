@@ -2,7 +2,8 @@
 
 Conv: the forward, dX alone, dW alone and the whole forward + backward (y, dX, dW, db) for backward="autodiff",
 "textbook" and "custom"; pools: forward, dX and forward + backward for "autodiff" and "custom". With PyTorch
-importable, the same layer in PyTorch eager (channels_last) is timed in the same rounds as a reference.
+importable, the same layer in PyTorch eager (channels_last) is timed as a reference right after, in rounds of its
+own (its idle OpenMP workers would slow the JAX call after each of its own).
 """
 
 from __future__ import annotations
@@ -221,14 +222,19 @@ def _synchronised(torch, fn):
     return call
 
 
+def _jax_then_torch(jax_calls: dict, torch_calls: dict, repeats: int) -> dict:
+    """`interleaved_times` of JAX's calls, then of PyTorch's reference calls in turns of their own: interleaved with
+    them, PyTorch's spinning OpenMP workers slowed the JAX call after each of its own (:mod:`experiments.timing`)."""
+    times = interleaved_times(jax_calls, repeats)
+    return {**times, **interleaved_times(torch_calls, repeats)} if torch_calls else times
+
+
 def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm, with_torch: bool, key) -> dict:
     """Times one conv case in one layout, with the GEMM `gemm` (fn, args, flop) in the same rounds; returns its
     row (ms, GFLOP/s, fraction of that GEMM's GFLOP/s, ratios to autodiff)."""
     calls = {**conv_calls(case, layout, modes, key), "gemm": gemm[:2]}
     torch = torch_module() if with_torch else None
-    if torch is not None:
-        calls.update(torch_conv_calls(case, torch))
-    times = interleaved_times(calls, repeats)
+    times = _jax_then_torch(calls, torch_conv_calls(case, torch) if torch is not None else {}, repeats)
     flop = case.flops()
     x, w, _ = case.arrays(layout, key)
     planned = plan(conv_geometry(x, w, **case.options(layout)), x.shape, w.shape, jax.default_backend())
@@ -272,9 +278,7 @@ def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
         calls[f"{mode} dX"] = (jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)), (x, g))
         calls[f"{mode} fwd+bwd"] = (jit(lambda x, g, f=f: _value_and_vjp(f, g, x)), (x, g))
     torch = torch_module() if with_torch else None
-    if torch is not None:
-        calls.update(_torch_pool_calls(case, x, g, torch))
-    times = interleaved_times(calls, repeats)
+    times = _jax_then_torch(calls, _torch_pool_calls(case, x, g, torch) if torch is not None else {}, repeats)
     row = {"layer": case.name, "shape": case.describe()}
     for name, t in times.items():
         row[f"{name} ms"], row[f"{name} best ms"], row[f"{name} cpu_ms"] = t["ms"], t["best_ms"], t["cpu_ms"]
