@@ -148,11 +148,11 @@ def plan(geometry: Geometry, x_shape, w_shape, platform: str) -> Plan:
       (LeNet C3) 1.5-2.2x, -> 4 3x3 3x, -> 12 1.4x, -> 20 1.25x faster; -> 3 alike); else textbook;
     - dW: for one input channel to at most `BLOCKS_DW_MAX_OUT` outputs where the forward can run by space-to-depth,
       as the weight gradient of that blocked conv (LeNet C1); else in batch chunks when there are at least two
-      (1-D or 2-D): each chunk's operands stay in cache and the
-      chunks run concurrently; else textbook. A chunk holds `CHUNK` images, or on maps of fewer than
-      `CHUNK_PIXELS / CHUNK` output pixels the power of two nearest below `CHUNK_PIXELS` pixels (VGG's 4x4
-      512-channel dW: 8 images 63 GFLOP/s, 64 images 164, textbook 124); with at most `FEW_INPUT_CHANNELS`
-      input channels only in NHWC with at most `FEW_INPUT_CHUNK_MAX_OUT` outputs (first layers).
+      (1-D or 2-D): each chunk's operands stay in cache and the chunks run concurrently; else textbook. A chunk
+      holds `CHUNK` images, or on maps of fewer than `CHUNK_PIXELS / CHUNK` output pixels the power of two nearest
+      below `CHUNK_PIXELS` pixels (VGG's 4x4 512-channel dW: 8 images 63 GFLOP/s, 64 images 164, textbook 124);
+      with at most `FEW_INPUT_CHANNELS` input channels only in NHWC with at most `FEW_INPUT_CHUNK_MAX_OUT` outputs
+      (first layers).
     Other platforms run the textbook formulation, which their conv libraries take natively.
 
     >>> from convlib.ops.geometry import make_geometry

@@ -162,18 +162,11 @@ def _first_maximum_in_tiles(x_padded, y, g, geometry: Geometry, in_spatial):
     for axis, k in zip(tile_axes, geometry.kernel):
         offsets_shape[axis] = k
     offsets = np.arange(np.prod(geometry.kernel)).reshape(offsets_shape)  # row-major offset in the tile
+    untiled = [n * k for n, k in zip(y.shape, full_rank(geometry, geometry.kernel, 1))]  # the whole tiles' shape
     y, g = jnp.expand_dims(y, tile_axes), jnp.expand_dims(g, tile_axes)
     first = jnp.min(jnp.where(_is_maximum(tiled, y), offsets, offsets.size), axis=tile_axes, keepdims=True)
     gradient = jnp.where(offsets == first, g, 0)
-    return _tiles_to_input(gradient.reshape(_untiled_shape(tiled.shape, tile_axes)), geometry, in_spatial)
-
-
-def _untiled_shape(shape, tile_axes) -> list[int]:
-    """The shape with each K axis merged into the tiles axis before it."""
-    shape = list(shape)
-    for axis in reversed(tile_axes):
-        shape[axis - 1 : axis + 1] = [shape[axis - 1] * shape[axis]]
-    return shape
+    return _tiles_to_input(gradient.reshape(untiled), geometry, in_spatial)
 
 
 def _as_tiles(x_padded, geometry: Geometry, out_spatial):
