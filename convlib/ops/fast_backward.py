@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 from jax import lax
 
-from convlib.ops.fast_forward import block_kernel, input_in_blocks, to_blocks
+from convlib.ops.fast_forward import block_kernel, input_in_blocks
 from convlib.ops.geometry import Geometry, make_geometry
 from convlib.ops.textbook import full_correlation_padding, input_gradient, weight_gradient
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
@@ -216,14 +216,11 @@ def weight_gradient_by_space_to_depth(x, g, geometry: Geometry, kernel_shape, bl
     """
     k_h, k_w, c, c_out = kernel_shape
     kernel = block_kernel(geometry.kernel, block)
-    out = geometry.spatial_shape(g.shape)
-    blocks = tuple(-(-o // block) for o in out)
-    g = lax.pad(
-        g, jnp.zeros((), g.dtype), [(0, 0, 0), *((0, block * m - o, 0) for m, o in zip(blocks, out)), (0, 0, 0)]
-    )
+    # Gs: G cut like the input of an unpadded 1x1 conv, which is G with zeros up to whole blocks
+    gs = input_in_blocks(g, make_geometry(2, 1), block)
     blocked_shape = (*kernel, block * block * c, block * block * c_out)
     dws = weight_gradient_by_chunks(
-        input_in_blocks(x, geometry, block), to_blocks(g, blocks, block), make_geometry(2, kernel), blocked_shape, chunk
+        input_in_blocks(x, geometry, block), gs, make_geometry(2, kernel), blocked_shape, chunk
     )
     # (p, q, u, v, c, a, b, o) -> (a, b, B p + u, B q + v, c, o): phase (a, b)'s kernel, tap B p + u - a at row B p + u
     phases = dws.reshape(*kernel, block, block, c, block, block, c_out).transpose(5, 6, 0, 2, 1, 3, 4, 7)

@@ -60,14 +60,14 @@ def block_kernel(kernel, block: int) -> tuple[int, ...]:
 
 def input_in_blocks(x, geometry: Geometry, block: int):
     """(N, H, W, C) padded by the conv's padding, then with zeros up to the whole blocks the outputs read (or
-    cropped of rows no output reads), as blocks: (N, h, w, B² C) (:func:`to_blocks`)."""
+    cropped of rows no output reads), as blocks: (N, h, w, B² C) (:func:`_to_blocks`)."""
     out = geometry.output_spatial(x.shape[1:3])
     cells = tuple(-(-o // block) + k - 1 for o, k in zip(out, block_kernel(geometry.kernel, block)))
     widths = [(lo, block * m - h - lo, 0) for (lo, _), m, h in zip(geometry.padding, cells, x.shape[1:3])]
-    return to_blocks(lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *widths, (0, 0, 0)]), cells, block)
+    return _to_blocks(lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *widths, (0, 0, 0)]), cells, block)
 
 
-def to_blocks(x, cells, block: int):
+def _to_blocks(x, cells, block: int):
     """(N, B h, B w, C) -> (N, h, w, B² C), each block's pixels (row u, column v) stacked as channels (u, v, c)."""
     c = x.shape[-1]
     x = x.reshape(x.shape[0], cells[0], block, cells[1], block, c).transpose(0, 1, 3, 2, 4, 5)
