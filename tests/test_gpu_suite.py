@@ -12,7 +12,7 @@ from experiments.benchmarks import gpu_suite
 def test_a_part_past_its_limit_is_cut_off(tmp_path):
     with open(tmp_path / "log", "w") as log:
         status, _ = gpu_suite.run_part([sys.executable, "-c", "import time; time.sleep(60)"], 1, log)
-    assert status["cut_off"] and status["exit"] != 0 and status["seconds"] < 20
+    assert status["cut_off"] and status["exit"] != 0 and status["seconds"] < 40
 
 
 def test_dry_run_writes_the_report_with_the_goals(tmp_path):

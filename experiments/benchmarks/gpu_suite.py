@@ -57,60 +57,41 @@ GPU_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5", "PYTHONUNBUFFERED": "1"}
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One subprocess of the run: `argv` on the GPU, `dry_argv` at the smallest size, cut off after `seconds`."""
+    """One subprocess of the run: `command` with `full` on the GPU, with `smallest` in a dry run; cut off after
+    `seconds`; `env`: environment variables of its own."""
 
     name: str
     seconds: int
-    argv: tuple[str, ...]
-    dry_argv: tuple[str, ...]
+    command: tuple[str, ...]
+    full: tuple[str, ...] = ()
+    smallest: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+
+    def argv(self, dry_run: bool) -> tuple[str, ...]:
+        return (*self.command, *(self.smallest if dry_run else self.full))
 
 
 def parts(repeats: int, resnet50_batch: int, results: str) -> tuple[Part, ...]:
-    """The run's parts, bench.py's writing into the folder `results`; 500 s of limits in all."""
-    bench = (sys.executable, "experiments/benchmarks/bench.py")
-    common = ("--out", results, "--no-progress")
-    timed = ("--repeats", str(repeats))
-    smallest = ("--quick", "--repeats", "1")
-    pytest = (sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider")
+    """The run's parts, 500 s of limits in all; the benchmarks write <results>/<part>.json."""
+
+    def bench(name, seconds, *flags, full=(), smallest=()):
+        command = (sys.executable, "experiments/benchmarks/bench.py", *flags, "--name", name, "--out", results)
+        full, smallest = (*full, "--repeats", str(repeats)), ("--quick", "--repeats", "1", *smallest)
+        return Part(name, seconds, (*command, "--no-progress"), full, smallest)
+
+    pytest = (sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TEST_FILES)
     return (
-        Part(
-            "tests",
-            150,
-            (*pytest, *TEST_FILES),
-            (*pytest, "--collect-only", *TEST_FILES),
-            (("JAX_DEFAULT_MATMUL_PRECISION", "highest"),),
-        ),
-        Part(
-            "layers",
-            120,
-            (*bench, "layers", "--layouts", "NHWC", "--modes", "autodiff,custom", "--name", "layers", *common, *timed),
-            (
-                *bench,
-                "layers",
-                "--layouts",
-                "NHWC",
-                "--modes",
-                "autodiff,custom",
-                "--name",
-                "layers",
-                *common,
-                *smallest,
-            ),
-        ),
-        Part(
-            "training",
-            100,
-            (*bench, "training", "--name", "training", *common, *timed),
-            (*bench, "training", "--name", "training", *common, *smallest),
-        ),
-        Part(
+        Part("tests", 120, pytest, smallest=("--collect-only",), env=(("JAX_DEFAULT_MATMUL_PRECISION", "highest"),)),
+        bench("layers", 150, "layers", "--layouts", "NHWC", "--modes", "autodiff,custom"),
+        bench("training", 100, "training"),
+        bench(
             "resnet50",
             130,
-            (*bench, "training", "--models", "resnet50", "--resnet50-batch", str(resnet50_batch), "--name", "resnet50")
-            + (*common, *timed),
-            (*bench, "training", "--models", "resnet50", "--resnet50-batch", "1", "--resnet50-size", "32")
-            + ("--name", "resnet50", *common, *smallest),
+            "training",
+            "--models",
+            "resnet50",
+            full=("--resnet50-batch", str(resnet50_batch)),
+            smallest=("--resnet50-size", "32"),
         ),
     )
 
@@ -283,8 +264,7 @@ def main(argv=None) -> dict:
         else:
             for part in parts(args.repeats, args.resnet50_batch, folder):
                 if part.name in args.parts:
-                    command = part.dry_argv if args.dry_run else part.argv
-                    status, text = run_part(command, part.seconds, log, {**GPU_ENV, **dict(part.env)})
+                    status, text = run_part(part.argv(args.dry_run), part.seconds, log, {**GPU_ENV, **dict(part.env)})
                     results["parts"][part.name] = status
                     if part.name == "tests":
                         results["tests"] = pytest_counts(text)
