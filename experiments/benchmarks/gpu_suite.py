@@ -9,8 +9,9 @@ Parts, each a subprocess under a hard time limit (`PARTS`; a part cut off is rec
 steps of the four small models: autodiff, custom and PyTorch CUDA eager channels_last, interleaved), `resnet50`
 (ResNet-50 224x224 bfloat16 training steps against torchvision's under `torch.autocast(bfloat16)`, channels_last,
 same batch). The benchmarks run at each library's default precision. Writes OUT/gpu.json (every number, the device,
-driver and versions, each part's status, the goals of issue 30 with their figures), OUT/gpu.md (the same as tables)
-and OUT/gpu.log (every part's output). Without a GPU (and without --dry-run) it writes why and times nothing.
+driver and versions, each part's status, the goals of issue 30 with their figures), OUT/gpu.md (the same as tables),
+OUT/gpu.log (every part's output) and OUT/xla-dump.tar.gz (the optimised HLO of every jitted training step, per model
+in the order compiled: autodiff, then custom). Without a GPU (and without --dry-run) it writes why and times nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import importlib.metadata
 import json
 import os
@@ -25,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -74,16 +77,16 @@ class Part:
 def parts(repeats: int, resnet50_batch: int, results: str) -> tuple[Part, ...]:
     """The run's parts, 500 s of limits in all; the benchmarks write <results>/<part>.json."""
 
-    def bench(name, seconds, *flags, full=(), smallest=()):
+    def bench(name, seconds, *flags, full=(), smallest=(), env=()):
         command = (sys.executable, "experiments/benchmarks/bench.py", *flags, "--name", name, "--out", results)
         full, smallest = (*full, "--repeats", str(repeats)), ("--quick", "--repeats", "1", *smallest)
-        return Part(name, seconds, (*command, "--no-progress"), full, smallest)
+        return Part(name, seconds, (*command, "--no-progress"), full, smallest, env)
 
     pytest = (sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TEST_FILES)
     return (
         Part("tests", 120, pytest, smallest=("--collect-only",), env=(("JAX_DEFAULT_MATMUL_PRECISION", "highest"),)),
         bench("layers", 150, "layers", "--layouts", "NHWC", "--modes", "autodiff,custom"),
-        bench("training", 100, "training"),
+        bench("training", 100, "training", env=dump_training_steps(results, "training")),
         bench(
             "resnet50",
             130,
@@ -92,8 +95,26 @@ def parts(repeats: int, resnet50_batch: int, results: str) -> tuple[Part, ...]:
             "resnet50",
             full=("--resnet50-batch", str(resnet50_batch)),
             smallest=("--resnet50-size", "32"),
+            env=dump_training_steps(results, "resnet50"),
         ),
     )
+
+
+def dump_training_steps(results: str, name: str) -> tuple[tuple[str, str], ...]:
+    """XLA_FLAGS that dump the HLO of each compiled training step into <results>/xla/<name> (the profile a missed
+    goal is read from: fusions, cuDNN and cuBLAS calls, copies)."""
+    flags = f"--xla_dump_to={os.path.join(results, 'xla', name)} --xla_dump_hlo_as_text"
+    return (("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {flags} --xla_dump_hlo_module_re=train_step".strip()),)
+
+
+def archive_dumps(results: str, path: str) -> list[str]:
+    """Packs the optimised HLO of every dumped training step into the tar.gz `path`; returns their names."""
+    names = sorted(glob.glob(os.path.join(results, "xla", "*", "*after_optimizations.txt")))
+    if names:
+        with tarfile.open(path, "w:gz") as archive:
+            for name in names:
+                archive.add(name, os.path.relpath(name, os.path.join(results, "xla")))
+    return [os.path.relpath(n, os.path.join(results, "xla")) for n in names]
 
 
 def run_part(argv, seconds: float, log, env: dict | None = None) -> tuple[dict, str]:
@@ -275,6 +296,7 @@ def main(argv=None) -> dict:
                     bench = json.load(f)
                 results.setdefault("machine", bench["machine"])
                 results[name] = bench["layers"] if name == "layers" else bench["training"]["models"]
+        results["xla_dumps"] = archive_dumps(folder, os.path.join(args.out, "xla-dump.tar.gz"))
     results["goals"] = goals(results)
     write_json(os.path.join(args.out, "gpu.json"), results)
     write_text(os.path.join(args.out, "gpu.md"), markdown(results))
