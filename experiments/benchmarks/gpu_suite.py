@@ -236,9 +236,15 @@ def markdown(results: dict) -> str:
     rows = (results.get("training") or []) + (results.get("resnet50") or [])
     if rows:
         lines += [outputs.markdown_table(rows, training.COLUMNS, "Training steps, images/s")]
+    if results.get("resnet50"):
+        lines += [RESNET50_NOTE]
     return "\n".join(lines)
 
 
+RESNET50_NOTE = (
+    "ResNet-50: convlib's is the paper's (v1, stride on the first 1x1 conv of a block, 3.86 G multiply-adds per "
+    "224x224 image), torchvision's is v1.5 (stride on the 3x3, 4.09 G): PyTorch does 6 % more work."
+)
 LAYER_COLUMNS = (
     "layer",
     "shape",
