@@ -16,7 +16,6 @@ prepared file is named with the command that rebuilds it, and an interrupted pre
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -26,7 +25,7 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -269,15 +268,16 @@ def _check_writable(data_dir: Path, dataset: DatasetSpec) -> None:
         ) from None
 
 
-def _check_same_source(dataset: DatasetSpec, folder: Path, source: Path) -> None:
-    """Refuses ``source`` (named by the caller) unless it holds the files the prepared dataset was made from."""
+def _check_same_source(dataset: DatasetSpec, folder: Path, source_dir, source: Path) -> None:
+    """Refuses ``source`` (found in the caller's ``source_dir``) unless it holds the files the prepared dataset was
+    made from."""
     record = _read_record(dataset, folder)
     files = _hashes(FORMATS[dataset.format].files(source), source)
     if record is not None and record["files"] == files:
         return
     made_from = "without a record of its source" if record is None else f"from other files ({record['source']})"
     raise DatasetError(
-        f"source_dir={str(source)!r} (--source-dir): {dataset.name} in {folder} was prepared {made_from}; to "
+        f"source_dir={str(source_dir)!r} (--source-dir): {dataset.name} in {folder} was prepared {made_from}; to "
         f"prepare it from source_dir, remove that folder (`rm -r {shlex.quote(str(folder))}`) or pass another data_dir"
     )
 
@@ -300,19 +300,25 @@ def _disk_full(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(os.strerror(e) in str(error) for e in _DISK_FULL)
 
 
-@contextlib.contextmanager
-def _preparing(builder: _OfflineImages, data_dir: Path) -> Iterator[None]:
-    """Holds the dataset's preparation lock (one preparer at a time; the kernel releases it when a process dies),
-    removes what interrupted preparations left, and turns the failures a user can fix into one line."""
-    dataset, folder = builder.spec, Path(builder.data_path)
+def _prepare_once(dataset: DatasetSpec, data_dir: Path, source_dir, apt_install, download: bool) -> _OfflineImages:
+    """Prepares ``dataset`` unless another process did meanwhile, holding its preparation lock (one preparer at a
+    time; the kernel releases it when a process dies) after removing what interrupted preparations left; the
+    failures a user can fix end in one line."""
+    folder = _prepared_path(dataset, data_dir)
     _check_writable(data_dir, dataset)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / "convlib-prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for leftover in folder.parent.glob(f"incomplete.*_{folder.name}"):  # TFDS's temporary folders
             shutil.rmtree(leftover)
+        if folder.exists():
+            return _builder(dataset, data_dir)
+        builder = None
         try:
-            yield
+            source = FORMATS[dataset.format].locate(dataset, source_dir, data_dir, apt_install, download)
+            builder = _builder(dataset, data_dir, source)
+            builder.download_and_prepare()
+            return builder
         except KeyboardInterrupt:
             raise PreparationInterrupted(
                 f"preparing {dataset.name} in {data_dir} was interrupted: nothing was prepared (the next run "
@@ -321,11 +327,12 @@ def _preparing(builder: _OfflineImages, data_dir: Path) -> Iterator[None]:
         except (OSError, RuntimeError) as error:
             if not _disk_full(error):
                 raise
-            needed = "" if builder._bytes_needed is None else f", about {builder._bytes_needed} bytes are needed"
+            needed = getattr(builder, "_bytes_needed", None)
             mount = _mount_point(_check_data_dir(data_dir))
             raise DatasetError(
                 f"no space to prepare {dataset.name} in {data_dir} ({' '.join(str(error).split(';')[0].split())}): "
-                f"the file system at {mount} has {shutil.disk_usage(mount).free} bytes free{needed}"
+                f"the file system at {mount} has {shutil.disk_usage(mount).free} bytes free"
+                + ("" if needed is None else f", about {needed} bytes are needed")
             ) from None
 
 
@@ -350,18 +357,13 @@ def prepare(
     dataset = spec(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     _check_data_dir(data_dir)
-    locate = FORMATS[dataset.format].locate
-    builder = _builder(dataset, data_dir)
-    if not builder.data_path.exists():  # the test download_and_prepare itself uses
-        with _preparing(builder, data_dir):
-            builder = _builder(dataset, data_dir)  # another process may have prepared it meanwhile
-            if not builder.data_path.exists():
-                source = locate(dataset, source_dir, data_dir, apt_install, download)
-                builder = _builder(dataset, data_dir, source)
-                builder.download_and_prepare()
-                return builder
-    if source_dir is not None:
-        _check_same_source(dataset, Path(builder.data_path), locate(dataset, source_dir, data_dir, None, False))
+    if _prepared_path(dataset, data_dir).exists():  # the test download_and_prepare itself uses
+        builder = _builder(dataset, data_dir)
+    else:
+        builder = _prepare_once(dataset, data_dir, source_dir, apt_install, download)
+    if source_dir is not None:  # a dataset prepared before (or by another process meanwhile) from other files
+        source = FORMATS[dataset.format].locate(dataset, source_dir, data_dir, None, False)
+        _check_same_source(dataset, Path(builder.data_path), source_dir, source)
     return builder
 
 
