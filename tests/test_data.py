@@ -378,6 +378,31 @@ def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, mon
     assert installed == ["dataset-fashion-mnist"]  # present now: apt not run again
 
 
+def test_load_installs_nothing_unless_asked(tmp_path, monkeypatch):
+    debian_dir = tmp_path / "usr-share"
+    monkeypatch.setitem(
+        data.IDX_SOURCES,
+        "fashion_mnist",
+        data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir),
+    )
+    commands = []
+
+    def fake_run(command, **kwargs):  # apt-get as root would run here
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(FileNotFoundError) as error:
+        data.load("fashion_mnist", data_dir=tmp_path / "tfds", download=False)
+    assert commands == []
+    assert "install them with `apt-get install dataset-fashion-mnist`" in one_line(error)
+    with pytest.raises(FileNotFoundError):  # opted in: apt-get runs (and fails here)
+        data.load("fashion_mnist", data_dir=tmp_path / "tfds", download=False, apt_install=data.apt_get_install)
+    assert commands[0][:2] == ["apt-get", "install"] and "dataset-fashion-mnist" in commands[0]
+
+
 def test_ensure_idx_files_downloads_through_tfds(tmp_path):
     arrays = make_idx_folder(tmp_path / "mirror")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path / "mirror")
