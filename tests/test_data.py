@@ -358,13 +358,16 @@ def test_disk_full_while_preparing_is_one_line(tmp_path):
 # --- finding the files ------------------------------------------------------------------------
 
 
-def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, monkeypatch):
-    debian_dir = tmp_path / "usr-share"
-    monkeypatch.setitem(
-        data.IDX_SOURCES,
-        "fashion_mnist",
-        data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir),
-    )
+@pytest.fixture
+def debian_dir(tmp_path, monkeypatch) -> Path:
+    """Fashion-MNIST's Debian folder, empty, under tmp_path (and no network)."""
+    folder = tmp_path / "usr-share"
+    source = data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=folder)
+    monkeypatch.setitem(data.IDX_SOURCES, "fashion_mnist", source)
+    return folder
+
+
+def test_ensure_idx_files_installs_the_debian_package_when_missing(debian_dir):
     installed = []
 
     def fake_apt(package):
@@ -378,13 +381,7 @@ def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, mon
     assert installed == ["dataset-fashion-mnist"]  # present now: apt not run again
 
 
-def test_load_installs_nothing_unless_asked(tmp_path, monkeypatch):
-    debian_dir = tmp_path / "usr-share"
-    monkeypatch.setitem(
-        data.IDX_SOURCES,
-        "fashion_mnist",
-        data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir),
-    )
+def test_load_installs_nothing_unless_asked(tmp_path, monkeypatch, debian_dir):
     commands = []
 
     def fake_run(command, **kwargs):  # apt-get as root would run here
