@@ -52,7 +52,7 @@ class PreparationInterrupted(KeyboardInterrupt):
     """Ctrl-C while a dataset was being prepared; the message says that nothing was prepared."""
 
 
-class _OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """uint8 images with class labels from the local source files of one registry dataset (:attr:`spec`).
 
     Every source file is read and checked before anything is written; the images are stored as raw bytes (not the
@@ -108,7 +108,7 @@ class _OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         (folder / SOURCE_RECORD).write_text(json.dumps(record, indent=1))
 
 
-class IdxImages(_OfflineImages):
+class IdxImages(OfflineImages):
     """Grayscale image classification from the four standard IDX files in ``manual_dir``; one config per
     ``"idx"`` dataset of the registry."""
 
@@ -132,7 +132,7 @@ class IdxImages(_OfflineImages):
         return SPECS[self.builder_config.name]
 
 
-class Cifar10Images(_OfflineImages):
+class Cifar10Images(OfflineImages):
     """CIFAR-10 (Krizhevsky 2009), 50k train / 10k test, from the official python archive in ``manual_dir``."""
 
     name = "convlib_cifar10"
@@ -164,7 +164,7 @@ class SourceFormat:
     locate: Callable[[DatasetSpec, Path | None, Path, Any, bool], Path]
     read: Callable[[Path, DatasetSpec], Splits]
     files: Callable[[Path], list[Path]]
-    builder: type[_OfflineImages]
+    builder: type[OfflineImages]
 
 
 def _locate_idx(dataset: DatasetSpec, source_dir, data_dir: Path, apt_install, download: bool) -> Path:
@@ -238,7 +238,7 @@ def _read_record(dataset: DatasetSpec, folder: Path) -> dict | None:
         raise _damaged(dataset, folder, f"{path}: {error}") from None
 
 
-def _builder(dataset: DatasetSpec, data_dir: Path, source: Path | None = None) -> _OfflineImages:
+def _builder(dataset: DatasetSpec, data_dir: Path, source: Path | None = None) -> OfflineImages:
     cls = FORMATS[dataset.format].builder
     config = {"config": dataset.name} if cls.BUILDER_CONFIGS else {}
     try:  # TFDS reads a prepared dataset's info files here
@@ -300,7 +300,7 @@ def _disk_full(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(os.strerror(e) in str(error) for e in _DISK_FULL)
 
 
-def _prepare_once(dataset: DatasetSpec, data_dir: Path, source_dir, apt_install, download: bool) -> _OfflineImages:
+def _prepare_once(dataset: DatasetSpec, data_dir: Path, source_dir, apt_install, download: bool) -> OfflineImages:
     """Prepares ``dataset`` unless another process did meanwhile, holding its preparation lock (one preparer at a
     time; the kernel releases it when a process dies) after removing what interrupted preparations left; the
     failures a user can fix end in one line."""
@@ -343,7 +343,7 @@ def prepare(
     source_dir: os.PathLike | str | None = None,
     apt_install: Callable[[str], bool] | None = None,
     download: bool = True,
-) -> _OfflineImages:
+) -> OfflineImages:
     """Prepares dataset ``name`` (one of ``DATASETS``) under ``data_dir`` once; returns the builder.
 
     Already prepared: nothing is written; a ``source_dir`` given must hold the files it was prepared from
@@ -367,7 +367,7 @@ def prepare(
     return builder
 
 
-def _read_split(builder: _OfflineImages, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(builder: OfflineImages, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The whole split, or ``DatasetError`` naming the damaged prepared file (by the sizes and hashes recorded
     when it was prepared) and the command that rebuilds it."""
     dataset, folder = builder.spec, Path(builder.data_path)
