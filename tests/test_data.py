@@ -355,6 +355,32 @@ def test_disk_full_while_preparing_is_one_line(tmp_path):
     assert list((tmp_path / "tfds").rglob("incomplete.*")) == []
 
 
+CONCURRENT = """
+import sys, time
+from convlib import data
+original = data.IdxImages._generate_examples
+def slow(self, images, labels):  # long enough for the two preparations to overlap
+    for example in original(self, images, labels):
+        time.sleep(0.1)
+        yield example
+data.IdxImages._generate_examples = slow
+_, labels = data.load("mnist", data_dir=sys.argv[1], source_dir=sys.argv[2], apt_install=None, download=False)
+print(labels.tolist())
+"""
+
+
+def test_two_processes_preparing_at_once_both_read_one_dataset(tmp_path):
+    arrays = make_idx_folder(tmp_path / "src")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-c", CONCURRENT, str(tmp_path / "tfds"), str(tmp_path / "src")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == str(arrays["train_labels"].tolist())
+    assert [p.name for p in mnist_path(tmp_path / "tfds").parent.iterdir() if p.name.startswith("incomplete")] == []
+
+
 # --- finding the files ------------------------------------------------------------------------
 
 
