@@ -15,7 +15,8 @@
   A tutorial's figures are written as PNG files beside it (so that a click opens one full size), each with the alt
   text of the `# alt: ...` line in the cell that draws it; a figure without one fails the build.
 - After the build, every internal link and image of every page must point to a file of the site, and every
-  `#anchor` to an id in that file: a broken one fails the build.
+  `#anchor` to an id in that file; and no page may load a script, style or image from the network. Either fails
+  the build.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ ALT = re.compile(r"^# alt: (.+(?:\n#   .+)*)$", re.M)  # continued on lines inde
 FIGURE = re.compile(r'<img [^>]*?src="data:image/png;base64,([^"]+)"[^>]*>')
 LINK = re.compile(r'(?:href|src)="([^"]*)"')
 ID = re.compile(r'\bid="([^"]*)"')
+# what a browser loads by itself (scripts, styles, images, frames), not what a reader may follow (<a href>)
+REMOTE = re.compile(r'<(?:script|img|iframe|source|link)\b[^>]*?\b(?:src|href)="((?:https?:)?//[^"]*)"')
 
 
 def on_files(files, config):
@@ -173,6 +176,10 @@ def on_post_build(config):
     broken = broken_links(site)
     if broken:
         raise PluginError("broken links in the site:\n" + "\n".join(broken[:50]))
+    pages = sorted(site.rglob("*.html"))
+    fetched = [f"{path.relative_to(site)}: {url}" for path in pages for url in REMOTE.findall(path.read_text())]
+    if fetched:
+        raise PluginError("pages that would fetch from the network when read:\n" + "\n".join(fetched[:50]))
 
 
 def broken_links(site: Path) -> list[str]:

@@ -12,15 +12,19 @@
 # $$\frac{\partial E}{\partial w(m,n)} = \sum_{i,j} \delta_{ij} \frac{\partial h_{ij}}{\partial w(m,n)}
 #   = \sum_{i=0}^{1} \sum_{j=0}^{1} \delta_{ij}\, x(i+m,\ j+n)$$
 #
-# and the gradient of an input pixel, a sum over the outputs whose window covers it:
+# and the gradient of an input pixel,
 #
-# $$\frac{\partial E}{\partial x(a,b)} = \sum_{i,j} \delta_{ij} \frac{\partial h_{ij}}{\partial x(a,b)}
+# $$\frac{\partial E}{\partial x(a,b)} = \sum_{i,j} \delta_{ij} \frac{\partial h_{ij}}{\partial x(a,b)},$$
+#
+# a sum over the outputs whose window covers it, those with $0 \le a - i \le 1$ and $0 \le b - j \le 1$:
+#
+# $$\frac{\partial E}{\partial x(a,b)}
 #   = \sum_{i=\max(0,\,a-1)}^{\min(1,\,a)} \; \sum_{j=\max(0,\,b-1)}^{\min(1,\,b)} \delta_{ij}\, w(a-i,\ b-j)$$
 #
 # that is, $\delta$ zero-padded by 1 and cross-correlated with the kernel rotated by 180°, which is the same as the
 # full convolution of $\delta$ with $w$:
 #
-# $$\frac{\partial E}{\partial x} = \operatorname{pad}_1(\delta) \star \operatorname{rot180}(w)
+# $$\frac{\partial E}{\partial x} = \operatorname{pad}_1(\delta) \star \operatorname{rot}_{180}(w)
 #   = \delta * w \quad \text{(full)}$$
 #
 # where $\star$ is cross-correlation and $*$ convolution; "full" keeps every position where $\delta$ and $w$ overlap.
@@ -104,7 +108,7 @@ for a, b in pixels:
 # %% [markdown]
 # Read the centre row, $\partial E/\partial x_{11} = \delta_{00} w_{11} + \delta_{01} w_{10} + \delta_{10} w_{01} +
 # \delta_{11} w_{00}$: δ meets the kernel *backwards*. Laid out as a grid, ∂E/∂x is δ padded with K − 1 = 1 zero on
-# every side, cross-correlated with $\operatorname{rot180}(w)$ (equivalently, δ fully convolved with $w$):
+# every side, cross-correlated with $\operatorname{rot}_{180}(w)$ (equivalently, δ fully convolved with $w$):
 
 # %%
 delta_padded = [["0"] * (OUT + 2)] + [["0", *[sym("δ", i, j) for j in range(OUT)], "0"] for i in range(OUT)]
@@ -164,12 +168,14 @@ print("∂E/∂w =\n", dw_formula, "\n∂E/∂x =\n", dx_formula)
 # $$h_i = \sum_m x_\text{pad}(s\,i + d\,m)\; w(m), \qquad
 #   \frac{\partial E}{\partial w(m)} = \sum_i G_i\; x_\text{pad}(s\,i + d\,m)$$
 #
-# ($x_\text{pad}$ cross-correlated with $G$ dilated by $s$, window step $d$), and the input gradient is a full
-# cross-correlation with the rotated kernel:
+# ($x_\text{pad}$ cross-correlated with $G$ dilated by $s$, window step $d$). The input gradient is a full
+# cross-correlation with the rotated kernel: with $G$ dilated by $s$ and padded by $K_\text{eff} - 1 - lo$ below and
+# $H + lo - (s\,(H_\text{out} - 1) + 1)$ above,
 #
-# $$\frac{\partial E}{\partial x} = \operatorname{pad}\big(\operatorname{dilate}(G, s),\;
-#   K_\text{eff} - 1 - lo,\; H + lo - (s\,(H_\text{out} - 1) + 1)\big) \star
-#   \operatorname{dilate}\big(\operatorname{rot180}(w),\, d\big)$$
+# $$G' = \operatorname{pad}\big(\operatorname{dilate}(G, s),\; K_\text{eff} - 1 - lo,\;
+#   H + lo - (s\,(H_\text{out} - 1) + 1)\big),$$
+#
+# $$\frac{\partial E}{\partial x} = G' \star \operatorname{dilate}\big(\operatorname{rot}_{180}(w),\, d\big).$$
 #
 # - **Stride** `s`: output `i` reads input `s·i + m`, so the gradient lands on every s-th input position: `G` is
 #   **dilated** (s − 1 zeros between its entries) before the full correlation.

@@ -1,16 +1,16 @@
 # %% [markdown]
 # # Pooling's backward
 #
-# Pooling has no weights, so its backward only routes $G = \partial E / \partial y$ back to the inputs. For max
-# pooling
+# Pooling has no weights, so its backward only routes $G = \partial E / \partial y$ back to the inputs. Max pooling
+# sends each output's gradient to the first maximum of its window, $M(o)$:
 #
 # $$y_o = \max_{p \in \operatorname{window}(o)} x_p, \qquad
-#   \frac{\partial E}{\partial x_p} = \sum_{o\,:\ p \text{ is the first maximum of } \operatorname{window}(o)} G_o,$$
+#   \frac{\partial E}{\partial x_p} = \sum_{o\,:\; M(o) = p} G_o;$$
 #
-# and for average pooling
+# average pooling shares it among the window's pixels:
 #
 # $$y_o = \frac{1}{D_o} \sum_{p \in \operatorname{window}(o)} x_p, \qquad
-#   \frac{\partial E}{\partial x_p} = \sum_{o\,:\ p \in \operatorname{window}(o)} \frac{G_o}{D_o},$$
+#   \frac{\partial E}{\partial x_p} = \sum_{o\,:\; p \in \operatorname{window}(o)} \frac{G_o}{D_o},$$
 #
 # where "first" is in row-major order inside the window and $D_o$ is the divisor: the window size, or with
 # `count_include_pad=False` only the real (unpadded) pixels it covers. Overlapping windows (stride < window)

@@ -5,7 +5,9 @@
 # $K_\text{eff} = d\,(K-1) + 1$ (dilation $d$) and stride $s$, measured in input pixels:
 #
 # $$\text{size}_l = \text{size}_{l-1} + (K_\text{eff} - 1)\, \text{jump}_{l-1}, \qquad
-#   \text{jump}_l = \text{jump}_{l-1}\, s, \qquad \text{size}_0 = \text{jump}_0 = 1$$
+#   \text{jump}_l = \text{jump}_{l-1}\, s,$$
+#
+# starting from the input itself, $\text{size}_0 = \text{jump}_0 = 1$.
 #
 # `ops.receptive_fields` computes this from the layers' geometries. The lecture's questions: how does the field grow
 # with (Q1) bigger kernels and stacking, and (Q2) pooling or stride and dilation?
