@@ -169,8 +169,7 @@ print("∂E/∂w =\n", dw_formula, "\n∂E/∂x =\n", dx_formula)
 #   \frac{\partial E}{\partial w(m)} = \sum_i G_i\; x_\text{pad}(s\,i + d\,m)$$
 #
 # ($x_\text{pad}$ cross-correlated with $G$ dilated by $s$, window step $d$). The input gradient is a full
-# cross-correlation with the rotated kernel: with $G$ dilated by $s$ and padded by $K_\text{eff} - 1 - lo$ below and
-# $H + lo - (s\,(H_\text{out} - 1) + 1)$ above,
+# cross-correlation of $G$, dilated by $s$ and zero-padded, with the rotated kernel, dilated by $d$:
 #
 # $$G' = \operatorname{pad}\big(\operatorname{dilate}(G, s),\; K_\text{eff} - 1 - lo,\;
 #   H + lo - (s\,(H_\text{out} - 1) + 1)\big),$$
