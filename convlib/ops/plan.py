@@ -222,9 +222,14 @@ class Rule(Generic[T]):
     why: str
 
 
+def first_rule(rules: Sequence[Rule[T]], case: Case) -> Rule[T]:
+    """The first rule whose `when` holds (every table ends with a rule that always holds)."""
+    return next(rule for rule in rules if rule.when(case))
+
+
 def first_match(rules: Sequence[Rule[T]], case: Case) -> T:
-    """The outcome of the first rule whose `when` holds (every table ends with a rule that always holds)."""
-    return next(rule.then(case) for rule in rules if rule.when(case))
+    """The outcome of the first rule whose `when` holds."""
+    return first_rule(rules, case).then(case)
 
 
 FORWARD_RULES: tuple[Rule[Formulation], ...] = (
