@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_configs import conv_configs, random_arrays
-from hypothesis import assume, given, settings
+from conv_configs import chunked_conv_configs, conv_configs, random_arrays
+from hypothesis import assume, find, given, settings
 from hypothesis import strategies as st
 
 from convlib import ops
@@ -66,7 +66,7 @@ def blockable_configs(draw):
 @pytest.mark.usefixtures("x64_class")
 class TestExact:
     @settings(max_examples=30)
-    @given(conv_configs(), st.integers(0, 2**16))
+    @given(st.one_of(conv_configs(), chunked_conv_configs()), st.integers(0, 2**16))
     def test_custom_matches_textbook_and_autodiff(self, config, seed):
         x_shape, w_shape, has_bias, kwargs = config
         x, w, b = random_arrays(seed, x_shape, w_shape, has_bias, kwargs["layout"])
@@ -81,6 +81,16 @@ class TestExact:
                 continue
             np.testing.assert_allclose(c, t, rtol=RTOL, atol=ATOL)
             np.testing.assert_allclose(c, a, rtol=RTOL, atol=ATOL)
+
+    def test_the_sweep_reaches_the_chunked_weight_gradient(self):
+        """`chunked_conv_configs` draws convs whose CPU plan runs dE/dW in batch chunks (the one training uses)."""
+
+        def chunked(config):
+            x_shape, w_shape, _, kwargs = config
+            geometry = conv_geometry(np.zeros(x_shape), np.zeros(w_shape), **kwargs)
+            return "chunks of" in str(plan.plan(geometry, x_shape, w_shape, "cpu"))
+
+        find(chunked_conv_configs(), chunked, settings=settings(max_examples=20, database=None))
 
     @settings(max_examples=15)
     @given(conv_configs(), st.integers(0, 2**16))
