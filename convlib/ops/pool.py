@@ -326,7 +326,8 @@ def avg_pool(
 ) -> jax.Array:
     """Average pooling over 1, 2 or 3 spatial dims (PyTorch's `avg_pool{1,2,3}d` semantics).
 
-    Args: as :func:`max_pool`, and
+    Args:
+      x, window, stride, padding, ceil_mode, layout, backward: as in :func:`max_pool`.
       count_include_pad: whether zero padding counts in the divisor (a bool; the ceil-mode overhang never does).
     Returns:
       (N, *out_spatial, C) or (N, C, *out_spatial).
