@@ -20,7 +20,7 @@ from flax import nnx
 
 from convlib import models, ops, train
 from convlib.ops.geometry import conv_geometry
-from convlib.ops.plan import FORWARD_TEXTBOOK, Lowered, forward_plan, plan
+from convlib.ops.plan import forward_plan, plan
 from experiments.benchmarks import layers, training
 
 conv_module = importlib.import_module("convlib.ops.conv")  # the module, not the function `ops.conv`
@@ -41,22 +41,15 @@ def conv_scopes(text: str) -> set[str]:
     return {s for s in SCOPE.findall(text) if s.startswith("convlib.conv.")}
 
 
-def plan_scopes(planned, input_gradient: bool = True) -> set[str]:
-    """The named scopes a backward plan's formulations run under (dX's only if the input needs a gradient)."""
-    if isinstance(planned, Lowered):
-        return {f"convlib.conv.{planned.lowering.name.replace(' ', '_')}", *plan_scopes(planned.inner, input_gradient)}
-    dx = {f"convlib.conv.dX.{planned.input_gradient.name}"} if input_gradient else set()
-    return {*dx, f"convlib.conv.dW.{planned.weight_gradient.name}"}
-
-
 def planned_scopes(convs, platform: str, first_layer_input=None) -> set[str]:
     """The scopes of the forward and backward plans of `convs` ((geometry, x_shape, w_shape) each) on `platform`;
     a conv whose input has the shape `first_layer_input` (a model's images) has no dX to compute."""
     scopes = set()
     for geometry, x_shape, w_shape in convs:
-        scopes |= plan_scopes(plan(geometry, x_shape, w_shape, platform), x_shape != first_layer_input)
-        forward = forward_plan(geometry, x_shape, w_shape, platform)
-        scopes.add("convlib.conv.forward" + ("" if forward == FORWARD_TEXTBOOK else f".{forward.name}"))
+        input_gradient = x_shape != first_layer_input
+        backward = plan(geometry, x_shape, w_shape, platform).scopes()
+        scopes |= {s for s in backward if input_gradient or not s.startswith("convlib.conv.dX.")}
+        scopes.add(forward_plan(geometry, x_shape, w_shape, platform).scope)
     return scopes
 
 
@@ -140,7 +133,7 @@ def check_default_plan_gradients(convs) -> None:
                 forward = forward_plan(geometry, x.shape, w.shape, "default")
                 gradients = plan(geometry, x.shape, w.shape, "default")
                 y, vjp = jax.vjp(autodiff_conv(geometry), x, w)
-                results.append(((forward.fn(x, w, None, geometry), *gradients(geometry, x, w, g)), (y, *vjp(g))))
+                results.append(((forward(geometry, x, w, None), *gradients(geometry, x, w, g)), (y, *vjp(g))))
             return results
 
         for got, want in jax.jit(run)([arrays for _, arrays in checks]):

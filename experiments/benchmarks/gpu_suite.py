@@ -44,6 +44,7 @@ TEST_FILES = (
     "tests/test_ops_errors.py",
     "tests/test_ops_torch.py",
     "tests/test_fast_backward.py",
+    "tests/test_ops_plan.py",
     "tests/test_nn.py",
     "tests/test_models.py",
     "tests/test_models_gradients.py",
