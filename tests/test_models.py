@@ -424,3 +424,16 @@ def test_context_receptive_field_grows_as_in_table_1():
     assert measured == [3, 5, 9, 17, 33, 65, 67, 67]
     formula = ops.receptive_fields([layer.geometry((size, size)) for layer in model.layers])
     assert [f.size[0] for f in formula] == measured
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_an_nchw_resnet_computes_what_the_nhwc_one_does(shortcut):
+    """Every layer honours `layout`: convs, pools, BatchNorm and the option-A shortcut's strides and padding."""
+    options = dict(depth=8, widths=(4, 8, 16), shortcut=shortcut, rngs=rngs())
+    nhwc, nchw = models.CifarResNet(**options), models.CifarResNet(layout="NCHW", **options)
+    state = nnx.state(nhwc)
+    state = jax.tree.map(lambda a: jnp.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else a, state)
+    nnx.update(nchw, state)  # HWIO kernels to OIHW
+    nhwc.eval(), nchw.eval()
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+    np.testing.assert_allclose(nchw(jnp.transpose(x, (0, 3, 1, 2))), nhwc(x), rtol=1e-5, atol=1e-5)

@@ -4,7 +4,8 @@ Blocks are conv - BN - ReLU - ... - conv - BN, then (+ shortcut) and ReLU after
 the addition. Shortcuts where the shape changes: option "A" (every s-th position,
 zero-padded new channels, parameter free) or "B" (1x1 conv with stride + BN).
 A plain net (`residual=False`) is the same net without shortcuts; with option A
-it has exactly the residual net's parameters.
+it has exactly the residual net's parameters. The paper's nets are presets of one
+:class:`ResNet`: :func:`CifarResNet` and :func:`ImageNetResNet`.
 """
 
 from __future__ import annotations
@@ -13,21 +14,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from convlib import ops
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_bool, check_choice, check_positive_int
 
 SHORTCUTS = ("A", "B")
+BOTTLENECK_STRIDES = ("1x1", "3x3")
+"""Where a bottleneck that downsamples puts its stride: on its first 1x1 conv (the paper) or on its 3x3 conv
+(torchvision's ResNet "v1.5")."""
 
 
 class ZeroPadShortcut(nnx.Module):
-    """Option A: x (N, H, W, C_in) -> (N, ceil(H/s), ceil(W/s), C_out), new channels zero."""
+    """Option A: x (N, H, W, C_in) -> (N, ceil(H/s), ceil(W/s), C_out), new channels zero; channels first in "NCHW"."""
 
-    def __init__(self, in_features: int, out_features: int, stride: int):
-        self.extra, self.stride = out_features - in_features, stride
+    def __init__(self, in_features: int, out_features: int, stride: int, layout: str = "NHWC"):
+        self.extra, self.stride, self.layout = out_features - in_features, stride, layout
 
     def __call__(self, x):
-        x = x[:, :: self.stride, :: self.stride, :]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.extra)))
+        axes = ops.layout_axes(self.layout, x.ndim - 2)
+        every_stride = [slice(None)] * x.ndim
+        for axis in axes.spatial:
+            every_stride[axis] = slice(None, None, self.stride)
+        pads = [(0, 0)] * x.ndim
+        pads[axes.channel] = (0, self.extra)
+        return jnp.pad(x[tuple(every_stride)], pads)
 
 
 class ProjectionShortcut(nnx.Module):
@@ -51,7 +61,7 @@ class _Block(nnx.Module):
         if not residual or (in_features == out_features and stride == 1):
             self.shortcut = None  # plain, or identity
         elif shortcut == "A":
-            self.shortcut = ZeroPadShortcut(in_features, out_features, stride)
+            self.shortcut = ZeroPadShortcut(in_features, out_features, stride, layers.layout)
         else:
             self.shortcut = ProjectionShortcut(in_features, out_features, stride, layers)
 
@@ -64,7 +74,7 @@ class _Block(nnx.Module):
 class BasicBlock(_Block):
     """Two 3x3 convs: (N, H, W, C_in) -> (N, H/stride, W/stride, width)."""
 
-    def __init__(self, in_features, width, stride, *, residual, shortcut, layers: LayerFactory):
+    def __init__(self, in_features, width, stride, *, residual, shortcut, layers: LayerFactory, bottleneck_stride=None):
         self.conv1 = layers.conv(in_features, width, 3, stride=stride, padding=1, use_bias=False)
         self.norm1 = layers.batch_norm(width)
         self.conv2 = layers.conv(width, width, 3, padding=1, use_bias=False)
@@ -77,15 +87,19 @@ class BasicBlock(_Block):
 
 
 class Bottleneck(_Block):
-    """1x1 (stride, as in the paper) - 3x3 - 1x1 convs: (N, H, W, C_in) -> (N, H/stride, W/stride, 4 width)."""
+    """1x1 - 3x3 - 1x1 convs: (N, H, W, C_in) -> (N, H/stride, W/stride, 4 width).
+
+    The stride sits on the first 1x1 (`bottleneck_stride="1x1"`, the paper) or on the 3x3 ("3x3", torchvision's v1.5).
+    """
 
     expansion = 4
 
-    def __init__(self, in_features, width, stride, *, residual, shortcut, layers: LayerFactory):
+    def __init__(self, in_features, width, stride, *, residual, shortcut, layers: LayerFactory, bottleneck_stride):
         out_features = self.expansion * width
-        self.conv1 = layers.conv(in_features, width, 1, stride=stride, use_bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if bottleneck_stride == "1x1" else (1, stride)
+        self.conv1 = layers.conv(in_features, width, 1, stride=stride_1x1, use_bias=False)
         self.norm1 = layers.batch_norm(width)
-        self.conv2 = layers.conv(width, width, 3, padding=1, use_bias=False)
+        self.conv2 = layers.conv(width, width, 3, stride=stride_3x3, padding=1, use_bias=False)
         self.norm2 = layers.batch_norm(width)
         self.conv3 = layers.conv(width, out_features, 1, use_bias=False)
         self.norm3 = layers.batch_norm(out_features)
@@ -122,10 +136,12 @@ class ResNet(nnx.Module):
     """stem - stages of blocks - global average pool - FC: (N, H, W, C) -> logits (N, num_classes).
 
     Stage i has `stage_sizes[i]` blocks (`block`: "basic" or "bottleneck") of
-    width `widths[i]`; its first block has stride 1 (i = 0) or 2. `stem`:
-    "cifar" (3x3 conv) or "imagenet" (7x7/2 conv and 3x3/2 max-pool). Any input
-    size that survives the strides works. :class:`CifarResNet` and
-    :class:`ImageNetResNet` are the paper's nets.
+    width `widths[i]`; its first block has stride 1 (i = 0) or 2, placed by
+    `bottleneck_stride` in a bottleneck (:data:`BOTTLENECK_STRIDES`). `stem`:
+    "cifar" (3x3 conv) or "imagenet" (7x7/2 conv and 3x3/2 max-pool). `layout`:
+    "NHWC" (default) or "NCHW" (x (N, C, H, W), kernels OIHW). Any input size
+    that survives the strides works. :func:`CifarResNet` and
+    :func:`ImageNetResNet` are the paper's nets.
     """
 
     def __init__(
@@ -137,8 +153,10 @@ class ResNet(nnx.Module):
         stem="imagenet",
         residual=True,
         shortcut="B",
+        bottleneck_stride="1x1",
         num_classes=10,
         in_channels=3,
+        layout="NHWC",
         rngs,
         backward="custom",
         dtype=None,
@@ -147,20 +165,31 @@ class ResNet(nnx.Module):
         block = BLOCKS[check_choice("block", block, tuple(BLOCKS))]
         stem = STEMS[check_choice("stem", stem, tuple(STEMS))]
         check_choice("shortcut", shortcut, SHORTCUTS)
+        check_choice("bottleneck_stride", bottleneck_stride, BOTTLENECK_STRIDES)
         residual = check_bool("residual", residual)
         if len(widths) != len(stage_sizes):
             raise ValueError(f"widths must hold {len(stage_sizes)} ints (one per stage), got {widths!r}")
         widths = tuple(check_positive_int("widths", w) for w in widths)
         stage_sizes = tuple(check_positive_int("stage_sizes", n) for n in stage_sizes)
         num_classes = check_positive_int("num_classes", num_classes)
-        layers = LayerFactory(rngs, backward, dtype, param_dtype)
+        layers = LayerFactory(rngs, backward, dtype, param_dtype, layout)
         self.stem = stem(check_positive_int("in_channels", in_channels), widths[0], layers)
         stages, features = [], widths[0]
         for i, (size, width) in enumerate(zip(stage_sizes, widths)):
             blocks = []
             for j in range(size):
                 stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(features, width, stride, residual=residual, shortcut=shortcut, layers=layers))
+                blocks.append(
+                    block(
+                        features,
+                        width,
+                        stride,
+                        residual=residual,
+                        shortcut=shortcut,
+                        layers=layers,
+                        bottleneck_stride=bottleneck_stride,
+                    )
+                )
                 features = block.expansion * width
             stages.append(nnx.Sequential(*blocks))
         self.stages = nnx.List(stages)
@@ -174,43 +203,11 @@ class ResNet(nnx.Module):
         return self.fc(self.pool(x))
 
 
-class CifarResNet(ResNet):
-    """ResNet-(6n+2) for 32x32 images: 3 stages of n basic blocks, widths 16-32-64, option-A shortcuts.
+CIFAR = dict(block="basic", widths=(16, 32, 64), stem="cifar", shortcut="A")
+"""The CIFAR-10 nets of Section 4.2: 3 stages of n basic blocks, widths 16-32-64, option-A shortcuts."""
 
-    ResNet-20: 269,722 parameters for 10 classes. `residual=False` gives the plain net.
-    """
-
-    def __init__(
-        self,
-        *,
-        depth=20,
-        residual=True,
-        shortcut="A",
-        widths=(16, 32, 64),
-        num_classes=10,
-        in_channels=3,
-        rngs,
-        backward="custom",
-        dtype=None,
-        param_dtype=jnp.float32,
-    ):
-        if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
-        super().__init__(
-            block="basic",
-            stage_sizes=((depth - 2) // 6,) * 3,
-            widths=widths,
-            stem="cifar",
-            residual=residual,
-            shortcut=shortcut,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            rngs=rngs,
-            backward=backward,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
-
+IMAGENET = dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B")
+"""The ImageNet nets of Table 1: widths 64-128-256-512 (x4 out of a bottleneck), option-B shortcuts."""
 
 IMAGENET_DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -221,40 +218,32 @@ IMAGENET_DEPTHS = {
 }
 
 
-class ImageNetResNet(ResNet):
-    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks) of Table 1, option-B shortcuts.
+def CifarResNet(*, depth: int = 20, **options) -> ResNet:
+    """ResNet-(6n+2) for 32x32 images: :class:`ResNet` with the :data:`CIFAR` preset and n blocks per stage.
 
-    Widths 64-128-256-512 (x4 out of a bottleneck); ResNet-50: 25,557,032 parameters for 1000 classes.
+    ResNet-20: 269,722 parameters for 10 classes. `residual=False` gives the plain net. `options` are
+    :class:`ResNet`'s keyword arguments; they override the preset.
+
+    >>> from flax import nnx
+    >>> CifarResNet(depth=20, rngs=nnx.Rngs(0)).fc.kernel.shape
+    (64, 10)
     """
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
+    return ResNet(**(CIFAR | {"stage_sizes": ((depth - 2) // 6,) * 3} | options))
 
-    def __init__(
-        self,
-        *,
-        depth=50,
-        residual=True,
-        shortcut="B",
-        widths=(64, 128, 256, 512),
-        num_classes=10,
-        in_channels=3,
-        rngs,
-        backward="custom",
-        dtype=None,
-        param_dtype=jnp.float32,
-    ):
-        if depth not in IMAGENET_DEPTHS:
-            raise ValueError(f"depth must be one of {tuple(IMAGENET_DEPTHS)}, got {depth!r}")
-        block, stage_sizes = IMAGENET_DEPTHS[depth]
-        super().__init__(
-            block=block,
-            stage_sizes=stage_sizes,
-            widths=widths,
-            stem="imagenet",
-            residual=residual,
-            shortcut=shortcut,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            rngs=rngs,
-            backward=backward,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+
+def ImageNetResNet(*, depth: int = 50, **options) -> ResNet:
+    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks) of Table 1: :class:`ResNet` with the
+    :data:`IMAGENET` preset; `options` (:class:`ResNet`'s keyword arguments) override it.
+
+    ResNet-50: 25,557,032 parameters for 1000 classes.
+
+    >>> from flax import nnx
+    >>> ImageNetResNet(depth=18, num_classes=1000, rngs=nnx.Rngs(0)).fc.kernel.shape
+    (512, 1000)
+    """
+    if depth not in IMAGENET_DEPTHS:
+        raise ValueError(f"depth must be one of {tuple(IMAGENET_DEPTHS)}, got {depth!r}")
+    block, stage_sizes = IMAGENET_DEPTHS[depth]
+    return ResNet(**(IMAGENET | {"block": block, "stage_sizes": stage_sizes} | options))
