@@ -163,14 +163,7 @@ def torch_modules():
                 x = getattr(self, f"layer{i}")(x)
             return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
-    return torch, dict(
-        LeNet5Modern=LeNet5Modern,
-        AlexNet=AlexNet,
-        vgg=vgg,
-        ResNet=ResNet,
-        BasicBlock=BasicBlock,
-        Bottleneck=Bottleneck,
-    )
+    return torch, {m.__name__: m for m in (LeNet5Modern, AlexNet, vgg, ResNet, BasicBlock, Bottleneck)}
 
 
 def randomised(torch, module):

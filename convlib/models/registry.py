@@ -101,7 +101,7 @@ def create(
       num_classes: outputs (for the context modules, C: the maps in and out).
       in_channels: input channels; None: 3 (for the context modules, num_classes).
       rngs: `nnx.Rngs(params=..., dropout=...)` (or one seed for both).
-      backward: "custom", "textbook" or "autodiff", for every conv and pool.
+      backward: a mode of `convlib.ops.BACKWARDS` (e.g. "custom", "autodiff"), for every conv and pool.
       dtype, param_dtype: compute and parameter dtypes of every layer.
       **options: the model's own keyword arguments (e.g. `input_size`, `head`,
         `activation`, `config`, `widths`, `shortcut`); see its class.
