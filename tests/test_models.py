@@ -296,6 +296,14 @@ def test_backward_and_dtype_reach_every_layer():
     assert len(convs) == 55 and {m.backward for m in convs} == {"autodiff"}
 
 
+@pytest.mark.parametrize("backward", ops.BACKWARDS)
+def test_every_backward_mode_of_the_ops_passes_through_a_model(backward):
+    """Models and the layer factory hold no list of modes: whatever convlib.ops accepts reaches every layer."""
+    model = models.abstract_model("resnet20", backward=backward)
+    kinds = (nn.Conv, nn.MaxPool, nn.AvgPool, nn.GlobalAvgPool)
+    assert {m.backward for _, m in nnx.iter_graph(model) if isinstance(m, kinds)} == {backward}
+
+
 @pytest.mark.parametrize("name, options", [("resnet20", {}), ("lenet5", dict(head="rbf")), ("alexnet_small", {})])
 def test_mixed_precision_output(name, options):
     graphdef, state = nnx.split(models.abstract_model(name, dtype=jnp.bfloat16, **options))
