@@ -445,3 +445,12 @@ def test_an_nchw_resnet_computes_what_the_nhwc_one_does(shortcut):
     nhwc.eval(), nchw.eval()
     x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
     np.testing.assert_allclose(nchw(jnp.transpose(x, (0, 3, 1, 2))), nhwc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_presets_build_one_resnet_class_and_answer_isinstance():
+    cifar, imagenet = abstract("resnet20"), abstract("resnet18")
+    assert type(cifar) is type(imagenet) is models.ResNet
+    assert isinstance(cifar, models.CifarResNet) and not isinstance(cifar, models.ImageNetResNet)
+    assert isinstance(imagenet, models.ImageNetResNet) and not isinstance(imagenet, models.CifarResNet)
+    assert not isinstance(models.abstract_model("lenet5"), models.CifarResNet)
+    assert models.accepted_options("resnet20") == models.accepted_options("resnet50")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import typing
 
 import jax.numpy as jnp
 from flax import nnx
@@ -65,17 +64,12 @@ COMMON_OPTIONS = frozenset({"num_classes", "in_channels", "rngs", "backward", "d
 
 
 def _keywords(builder) -> set[str]:
-    """The keyword parameters of a model class, a preset of one (a function whose `**options` go to the class it
-    returns, e.g. :func:`~convlib.models.CifarResNet`) or a partial of either."""
+    """The keyword parameters of a model class or a preset (or a partial of one)."""
     function = builder.func if isinstance(builder, functools.partial) else builder
     if inspect.isclass(function):  # NNX modules hide their __init__ signature behind a metaclass
         function = function.__init__
     parameters = inspect.signature(function).parameters.values()
-    names = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
-    returns = typing.get_type_hints(function).get("return")
-    if inspect.isclass(returns) and any(p.kind == p.VAR_KEYWORD for p in parameters):
-        names |= _keywords(returns)
-    return names
+    return {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
 
 
 def _checked_name(name) -> str:

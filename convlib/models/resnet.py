@@ -5,10 +5,15 @@ the addition. Shortcuts where the shape changes: option "A" (every s-th position
 zero-padded new channels, parameter free) or "B" (1x1 conv with stride + BN).
 A plain net (`residual=False`) is the same net without shortcuts; with option A
 it has exactly the residual net's parameters. The paper's nets are presets of one
-:class:`ResNet`: :func:`CifarResNet` and :func:`ImageNetResNet`.
+:class:`ResNet`: :data:`CifarResNet` and :data:`ImageNetResNet` (:class:`Preset`).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,8 +145,8 @@ class ResNet(nnx.Module):
     `bottleneck_stride` in a bottleneck (:data:`BOTTLENECK_STRIDES`). `stem`:
     "cifar" (3x3 conv) or "imagenet" (7x7/2 conv and 3x3/2 max-pool). `layout`:
     "NHWC" (default) or "NCHW" (x (N, C, H, W), kernels OIHW). Any input size
-    that survives the strides works. :func:`CifarResNet` and
-    :func:`ImageNetResNet` are the paper's nets.
+    that survives the strides works. The presets :data:`CifarResNet` and
+    :data:`ImageNetResNet` build the paper's nets.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class ResNet(nnx.Module):
         stage_sizes = tuple(check_positive_int("stage_sizes", n) for n in stage_sizes)
         num_classes = check_positive_int("num_classes", num_classes)
         layers = LayerFactory(rngs, backward, dtype, param_dtype, layout)
+        self.preset = None  # the name of the Preset that built it, if one did
         self.stem = stem(check_positive_int("in_channels", in_channels), widths[0], layers)
         stages, features = [], widths[0]
         for i, (size, width) in enumerate(zip(stage_sizes, widths)):
@@ -203,11 +209,42 @@ class ResNet(nnx.Module):
         return self.fc(self.pool(x))
 
 
-CIFAR = dict(block="basic", widths=(16, 32, 64), stem="cifar", shortcut="A")
-"""The CIFAR-10 nets of Section 4.2: 3 stages of n basic blocks, widths 16-32-64, option-A shortcuts."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Preset:
+    """A family of the paper's ResNets as data, called like a class: `preset(depth=..., **options)` builds the
+    :class:`ResNet` of `defaults` with the block and stage sizes `stages(depth)` gives (a ValueError naming
+    `depth` for another depth); `options` (ResNet's keyword arguments) override both. `isinstance(model, preset)`
+    is true for the models the preset built."""
 
-IMAGENET = dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B")
-"""The ImageNet nets of Table 1: widths 64-128-256-512 (x4 out of a bottleneck), option-B shortcuts."""
+    name: str
+    defaults: Mapping[str, Any]
+    stages: Callable[[int], dict[str, Any]]
+    default_depth: int
+
+    def __call__(self, *, depth: int | None = None, **options) -> ResNet:
+        depth = self.default_depth if depth is None else depth
+        model = ResNet(**(dict(self.defaults) | self.stages(depth) | options))
+        model.preset = self.name
+        return model
+
+    def __instancecheck__(self, model) -> bool:
+        return isinstance(model, ResNet) and model.preset == self.name
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """`depth` and ResNet's keyword arguments (what `create` and the docs read)."""
+        depth = inspect.Parameter("depth", inspect.Parameter.KEYWORD_ONLY, default=self.default_depth)
+        resnet = inspect.signature(ResNet.__init__).parameters.values()
+        options = (p.replace(default=self.defaults.get(p.name, p.default)) for p in resnet if p.name != "self")
+        return inspect.Signature([depth, *options], return_annotation=ResNet)
+
+
+def cifar_stages(depth) -> dict[str, Any]:
+    """ResNet-(6n+2): 3 stages of n basic blocks."""
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
+    return {"block": "basic", "stage_sizes": ((depth - 2) // 6,) * 3}
+
 
 IMAGENET_DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -216,34 +253,29 @@ IMAGENET_DEPTHS = {
     101: ("bottleneck", (3, 4, 23, 3)),
     152: ("bottleneck", (3, 8, 36, 3)),
 }
+"""Table 1: depth -> (block, blocks per stage)."""
 
 
-def CifarResNet(*, depth: int = 20, **options) -> ResNet:
-    """ResNet-(6n+2) for 32x32 images: :class:`ResNet` with the :data:`CIFAR` preset and n blocks per stage.
-
-    ResNet-20: 269,722 parameters for 10 classes. `residual=False` gives the plain net. `options` are
-    :class:`ResNet`'s keyword arguments; they override the preset.
-
-    >>> from flax import nnx
-    >>> CifarResNet(depth=20, rngs=nnx.Rngs(0)).fc.kernel.shape
-    (64, 10)
-    """
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"depth must be 6n + 2 for an int n >= 1, got {depth!r}")
-    return ResNet(**(CIFAR | {"stage_sizes": ((depth - 2) // 6,) * 3} | options))
-
-
-def ImageNetResNet(*, depth: int = 50, **options) -> ResNet:
-    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks) of Table 1: :class:`ResNet` with the
-    :data:`IMAGENET` preset; `options` (:class:`ResNet`'s keyword arguments) override it.
-
-    ResNet-50: 25,557,032 parameters for 1000 classes.
-
-    >>> from flax import nnx
-    >>> ImageNetResNet(depth=18, num_classes=1000, rngs=nnx.Rngs(0)).fc.kernel.shape
-    (512, 1000)
-    """
+def imagenet_stages(depth) -> dict[str, Any]:
+    """The block and stage sizes of :data:`IMAGENET_DEPTHS`."""
     if depth not in IMAGENET_DEPTHS:
         raise ValueError(f"depth must be one of {tuple(IMAGENET_DEPTHS)}, got {depth!r}")
     block, stage_sizes = IMAGENET_DEPTHS[depth]
-    return ResNet(**(IMAGENET | {"block": block, "stage_sizes": stage_sizes} | options))
+    return {"block": block, "stage_sizes": stage_sizes}
+
+
+CifarResNet = Preset("cifar", dict(widths=(16, 32, 64), stem="cifar", shortcut="A"), cifar_stages, 20)
+"""ResNet-(6n+2) for 32x32 images (Section 4.2): 3 stages of n basic blocks, widths 16-32-64, option-A shortcuts.
+ResNet-20: 269,722 parameters for 10 classes; `residual=False` gives the plain net.
+
+>>> from flax import nnx
+>>> model = CifarResNet(depth=20, rngs=nnx.Rngs(0))
+>>> model.fc.kernel.shape, isinstance(model, CifarResNet)
+((64, 10), True)
+"""
+
+ImageNetResNet = Preset(
+    "imagenet", dict(widths=(64, 128, 256, 512), stem="imagenet", shortcut="B"), imagenet_stages, 50
+)
+"""ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks) of Table 1: widths 64-128-256-512 (x4 out of a
+bottleneck), option-B shortcuts. ResNet-50: 25,557,032 parameters for 1000 classes."""
