@@ -1,6 +1,6 @@
 """Flax NNX layers: thin wrappers over :mod:`convlib.ops`.
 
-Every conv and pool layer takes `backward` ("custom", "textbook" or "autodiff")
+Every conv and pool layer takes `backward` (any mode of `convlib.ops.BACKWARDS`)
 and passes it to the op; `model.set_attributes(backward=...)` switches a whole model.
 """
 
