@@ -92,12 +92,8 @@ class Conv(nnx.Module):
             groups=groups,
             layout=layout,
             padding_mode=padding_mode,
+            channels=(in_features, out_features),
         )
-        # The kernel's shape needs C_in / groups before any ops call, so the layer checks its own features.
-        if in_features % geometry.groups or out_features % geometry.groups:
-            raise ValueError(
-                f"groups={groups} must divide in_features ({in_features}) and out_features ({out_features})"
-            )
         self.layout, self.backward = geometry.layout, check_backward(backward)
         self.in_features, self.out_features, self.groups = in_features, out_features, geometry.groups
         self.kernel_size, self.stride, self.dilation = geometry.kernel, geometry.stride, geometry.dilation
