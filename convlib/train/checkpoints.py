@@ -80,7 +80,7 @@ def _first_non_finite(state: TrainState) -> str | None:
     """The path of the first parameter array of ``state`` holding NaN/inf, or None."""
     for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]:
         if not bool(jnp.all(jnp.isfinite(p))):
-            return jax.tree_util.keystr(path)
+            return f"parameter {jax.tree_util.keystr(path)}"
     return None
 
 

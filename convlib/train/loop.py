@@ -262,13 +262,18 @@ class MetricsLog:
     @staticmethod
     def _taken_up(path, finished, resumed_at: int) -> list[dict]:
         source = path if os.path.exists(path) or finished is None else finished
-        records = [r for r in read_jsonl(source, damaged="drop") if r["step"] <= resumed_at]
+        with warnings.catch_warnings(record=True) as damage:  # a damaged line: the records before it stand
+            warnings.simplefilter("always")
+            records = [r for r in read_jsonl(source, damaged="drop") if r["step"] <= resumed_at]
         logged = max((r["step"] for r in records if r["kind"] == "step"), default=0)
         if logged < resumed_at and jax.process_index() == 0:
+            why = "".join(f" ({w.message})" for w in damage)
             raise CheckpointError(
-                f"the metrics log {os.fspath(source)!r} holds steps up to {logged} but the checkpoint to resume is "
-                f"at step {resumed_at}: resume into the output folder of the run that made the checkpoint"
+                f"the metrics log {os.fspath(source)!r} holds steps up to {logged}{why} but the checkpoint to resume "
+                f"is at step {resumed_at}: resume into the output folder of the run that made the checkpoint"
             )
+        for w in damage:  # the dropped records come after the checkpoint: the resumed run writes them again
+            warnings.warn(w.message, stacklevel=4)
         return records
 
     def step(self, step: int, epoch: int, metrics: dict, batch_size: int, seconds: float) -> dict:
