@@ -21,7 +21,6 @@ from test_train import TinyCNN, epoch_batches_for, flat_state, synthetic_data, t
 from test_train_cli_errors import BASE, one_line_failure, snapshot
 
 import convlib.train as T
-from convlib.train.locks import exclusive
 from experiments import train as script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +71,8 @@ def results_of(out) -> tuple:
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_writes_nothing(capsys, tmp_path):
+    from convlib.train.locks import exclusive
+
     out = tmp_path / "out"
     with exclusive(out, "--out"):  # this process holds --out, as a run training there would
         before = snapshot(out)
