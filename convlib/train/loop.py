@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
@@ -195,12 +196,13 @@ def check_labels(batch: dict) -> dict:
     """``batch`` if its ``"label"`` is an integer array of shape ``(B,)`` for its B images (the range is checked on
     device, in the steps: see ``bad_labels``)."""
     labels, images = batch["label"], batch["image"]
-    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-        raise ArgumentTypeError(f"labels must be integer class indices, got dtype {jnp.asarray(labels).dtype}")
-    if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != jnp.shape(images)[0]:
+    dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise ArgumentTypeError(f"labels must be integer class indices, got dtype {dtype}")
+    if np.ndim(labels) != 1 or np.shape(labels)[0] != np.shape(images)[0]:
         raise ValueError(
-            f"labels must have shape (B,) = ({jnp.shape(images)[0]},) for images of shape {jnp.shape(images)}, "
-            f"got {jnp.shape(labels)}"
+            f"labels must have shape (B,) = ({np.shape(images)[0]},) for images of shape {np.shape(images)}, "
+            f"got {np.shape(labels)}"
         )
     return batch
 
@@ -581,7 +583,8 @@ class _Loop:
         try:
             with _stop_requests() as stop:
                 for epoch, batch in _batches(job.epoch_batches, self.step, job.total, job.steps_per_epoch):
-                    self.placed, metrics = self.steps.train_step(self.placed, self.steps.put_batch(batch))
+                    batch = self.steps.put_batch(batch)
+                    self.placed, metrics = self.steps.train_step(self.placed, batch)
                     if self.pending is not None:  # the previous step's metrics are read while this one runs
                         self.tick = self.read(*self.pending)
                     self.step += 1
