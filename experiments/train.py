@@ -22,7 +22,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -347,14 +349,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv, p)
     if args.coordinator is not None:
         join_processes(args)
-    with p.setting_up():
+    with p.setting_up(), stops_outside_steps():
         loop, dataset, recipe, model = set_up(p, args)
     primary = jax.process_index() == 0
     try:
         with exclusive(args.out, "--out") if primary else contextlib.nullcontext():
             outputs.check_out(p, args.out, resume=args.resume is not None)  # again, now that no other run writes
             run = outputs.Run(args, argv) if primary else None
-            result = fit(p, args, model, recipe, loop, dataset)
+            with stops_outside_steps():  # inside the steps, fit stops after the step under way
+                result = fit(p, args, model, recipe, loop, dataset)
             return report(run, args, result) if primary else {}
     except train.FolderInUseError as error:
         p.error(str(error))
@@ -402,6 +405,32 @@ def fit(p, args: argparse.Namespace, model, recipe: train.Recipe, loop, dataset)
         p.error(f"{error}{hint}")
     except OSError as error:
         stopped(error)
+
+
+@contextlib.contextmanager
+def stops_outside_steps():
+    """Ctrl-C or SIGTERM outside the training steps (loading data, compiling) ends the script in one line, exit
+    130 or 143: nothing was saved there that a resume would miss."""
+
+    def stop(signum, frame=None):
+        name = signal.Signals(signum).name
+        print(
+            f"train.py: stopped by {name} outside a training step; nothing saved since the last checkpoint",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, train.TrainingInterrupted):
+            raise
+        stop(signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def stopped(error: OSError):

@@ -199,6 +199,21 @@ def test_sigterm_in_the_api_saves_the_step_and_a_second_stops_at_once(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_setting_up_is_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch, signum):
+    load = script.fashion_training.load_splits
+
+    def load_and_stop(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        os.kill(os.getpid(), signum)  # SIGINT: Python's KeyboardInterrupt
+        return loaded
+
+    monkeypatch.setattr(script.fashion_training, "load_splits", load_and_stop)
+    line = one_line_failure(capsys, [*RUN, "--out", str(tmp_path / "out")], 128 + signum)
+    assert f"stopped by {signal.Signals(signum).name} outside a training step" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 # --- resume is honest -----------------------------------------------------------------------------------------------
 
 
