@@ -70,20 +70,45 @@ def results_of(out) -> tuple:
 # --- one writer per folder ------------------------------------------------------------------------------------------
 
 
-def test_a_second_writer_is_refused_naming_the_holder_and_writes_nothing(capsys, tmp_path):
-    from convlib.train.locks import exclusive
+HOLD = (
+    "import sys, time\nfrom convlib.train.locks import exclusive\n"
+    "with exclusive(sys.argv[1]):\n    print(flush=True)\n    time.sleep(600)"
+)
 
+
+def holder(folder) -> subprocess.Popen:
+    """Another process holding `folder`'s lock, as a run training there would."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE
+    )
+    proc.stdout.readline()  # holds it now
+    return proc
+
+
+@pytest.mark.parametrize("where", ["--out", "--checkpoint-dir"])
+def test_a_second_writer_is_refused_naming_the_holder_and_writes_nothing(capsys, tmp_path, where):
+    out, busy = tmp_path / "out", tmp_path / "busy"
+    busy.mkdir()
+    (busy / "results.json").write_text("{}")  # an earlier run's files stay as they were
+    before = snapshot(busy)
+    proc = holder(busy)
+    try:
+        flags = [*RUN, "--out", str(busy if where == "--out" else out), "--resume"]
+        if where == "--checkpoint-dir":
+            flags += ["--checkpoint-dir", str(busy)]
+        line = one_line_failure(capsys, flags, 2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert where in line and f"{str(busy)!r} is in use by process {proc.pid}" in line, line
+    assert snapshot(busy) == {**before, ".convlib.lock": f"{proc.pid}\n".encode()}  # the holder's lock, as it was
+    assert not out.exists()
+
+
+def test_checkpoints_kept_in_the_output_folder_itself_are_one_writer(tmp_path):
     out = tmp_path / "out"
-    with exclusive(out, "--out"):  # this process holds --out, as a run training there would
-        before = snapshot(out)
-        line = one_line_failure(capsys, [*RUN, "--out", str(out)], 2)
-        assert f"--out {str(out)!r} is in use by process {os.getpid()}" in line, line
-        assert snapshot(out) == before
-    shared = tmp_path / "shared_checkpoints"
-    with exclusive(shared, "checkpoint_dir"):
-        line = one_line_failure(capsys, [*RUN, "--out", str(tmp_path / "b"), "--checkpoint-dir", str(shared)], 2)
-        assert "--checkpoint-dir" in line and f"in use by process {os.getpid()}" in line, line
-    assert not (tmp_path / "b").exists()
+    assert script.main([*RUN, "--out", str(out), "--checkpoint-dir", str(out)])["steps"] == 6
+    assert {"4", "6", "results.json"} <= set(os.listdir(out)) and ".convlib.lock" not in os.listdir(out)
 
 
 def test_a_stale_lock_of_a_killed_run_never_blocks(capsys, tmp_path):

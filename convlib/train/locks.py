@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 
 LOCK_FILE = ".convlib.lock"
+_held: dict[str, int] = {}  # folder (real path) -> nesting depth, of the locks this process holds
 
 
 class FolderInUseError(RuntimeError):
@@ -30,21 +31,28 @@ def _holder(fd: int) -> int | None:
 @contextlib.contextmanager
 def exclusive(folder: str | os.PathLike, what: str = "folder") -> Iterator[None]:
     """Holds the lock of ``folder`` (created if missing) for the block, or raises :class:`FolderInUseError` at
-    once; ``what`` names the folder in that message (e.g. ``"--out"``). On leaving, the lock file goes, and so does
-    the folder when this call created it and nothing else was written there.
+    once when another process holds it; ``what`` names the folder in that message (e.g. ``"--out"``). A process
+    already holding it holds it again (one writer, e.g. checkpoints kept in the output folder itself). On leaving,
+    the lock file goes, and so does the folder when this call created it and nothing else was written there.
 
     >>> import tempfile
     >>> folder = tempfile.mkdtemp()
     >>> with exclusive(folder):
-    ...     with exclusive(folder, "checkpoint_dir"):
-    ...         pass
-    Traceback (most recent call last):
-    ...
-    convlib.train.locks.FolderInUseError: checkpoint_dir '...' is in use by process ... (another run writes there): ...
+    ...     with open(os.path.join(folder, LOCK_FILE)) as f:
+    ...         int(f.read()) == os.getpid()
+    True
     """
     folder = os.fspath(folder)
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     path = os.path.join(folder, LOCK_FILE)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -61,11 +69,13 @@ def exclusive(folder: str | os.PathLike, what: str = "folder") -> Iterator[None]
         except FileNotFoundError:
             pass
         os.close(fd)
+    _held[key] = 1
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        del _held[key]
         os.remove(path)  # while still held: a waiting opener of this file sees it gone and retries
         os.close(fd)
         if created:
