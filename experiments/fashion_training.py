@@ -8,6 +8,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from convlib import data, train
@@ -61,6 +62,35 @@ def synthetic_images(seed: int, n: int, *, template_seed: int = 0) -> tuple[np.n
     return images.astype(np.uint8)[..., None], labels
 
 
+def load_splits(
+    name: str,
+    *,
+    synthetic: int | None = None,
+    data_dir=None,
+    source_dir=None,
+    pad_to: int | None = None,
+    seed: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> Dataset:
+    """The first `train_size` / `test_size` examples (None: all) of dataset `name` (see `convlib.data.load`), on
+    device, optionally zero-padded to `pad_to` x `pad_to`; with `synthetic`, that many synthetic training images
+    (and `test_size`, default a fifth as many, test images) instead."""
+
+    def split(split_name, size):
+        if synthetic:
+            images, labels = synthetic_images(seed + (split_name == "test"), size)
+        else:
+            images, labels = data.load(name, split_name, data_dir=data_dir, source_dir=source_dir)
+            images, labels = images[:size], labels[:size]
+        images = jax.device_put(images)
+        return Split(images if pad_to is None else data.pad_images(images, to=pad_to), jax.device_put(labels))
+
+    if synthetic:
+        train_size, test_size = synthetic, test_size or synthetic // 5
+    return Dataset(split("train", train_size), split("test", test_size), "synthetic" if synthetic else name)
+
+
 def load(
     args: argparse.Namespace,
     *,
@@ -70,28 +100,25 @@ def load(
     seed: int = 0,
     name: str = "fashion_mnist",
 ) -> Dataset:
-    """The first `train_size` / `test_size` examples (None: all) of dataset `name` (see `convlib.data.load`), on
-    device, optionally zero-padded to `pad_to` x `pad_to`; synthetic images with `args.synthetic` or
-    `args.size == "smoke"`."""
-    synthetic = args.synthetic or args.size == "smoke"
-
-    def split(split_name, size):
-        if synthetic:
-            images, labels = synthetic_images(seed + (split_name == "test"), size or 1000)
-        else:
-            images, labels = data.load(name, split_name, data_dir=args.data_dir, source_dir=args.source_dir)
-            images, labels = images[:size], labels[:size]
-        images = jax.device_put(images)
-        return Split(images if pad_to is None else data.pad_images(images, to=pad_to), jax.device_put(labels))
-
-    return Dataset(split("train", train_size), split("test", test_size), "synthetic" if synthetic else name)
+    """`load_splits` for the flags of `add_data_flags`: synthetic images (1000 a split unless sized) with
+    `args.synthetic` or `args.size == "smoke"`."""
+    if args.synthetic or args.size == "smoke":
+        return load_splits(name, synthetic=train_size or 1000, test_size=test_size or 1000, pad_to=pad_to, seed=seed)
+    return load_splits(
+        name,
+        data_dir=args.data_dir,
+        source_dir=args.source_dir,
+        pad_to=pad_to,
+        train_size=train_size,
+        test_size=test_size,
+    )
 
 
-def preprocess(images: jax.Array, dataset: str = "fashion_mnist") -> jax.Array:
-    """uint8 images (N, H, W, C) -> float32, normalised with the per-channel mean and standard deviation of
+def preprocess(images: jax.Array, dataset: str = "fashion_mnist", dtype=jnp.float32) -> jax.Array:
+    """uint8 images (N, H, W, C) -> `dtype`, normalised with the per-channel mean and standard deviation of
     `dataset` (a name of `convlib.data.MEAN_STD`; "synthetic": Fashion-MNIST's)."""
     mean, std = data.MEAN_STD["fashion_mnist" if dataset == "synthetic" else dataset]
-    return data.normalize(images, mean, std)
+    return data.normalize(images, mean, std).astype(dtype)
 
 
 @dataclasses.dataclass
@@ -118,37 +145,22 @@ def fit(
 ) -> Training:
     """Trains `model` in place for `steps` steps of `recipe` with `convlib.train.fit` over epochs of the training
     split, evaluating on the test split `evaluations` times (evenly spaced, the last at the end)."""
-    n = dataset.train.labels.shape[0]
-    if steps < 1 or evaluations < 1 or batch_size < 1:
-        raise ValueError(f"steps, evaluations and batch_size must be >= 1, got {steps}, {evaluations}, {batch_size}")
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n} training images")
-    steps_per_epoch = n // batch_size
-    data_key, train_key = jax.random.split(key)
-    tx, schedule = recipe.optimizer_for(steps)
+    if steps < 1 or evaluations < 1:
+        raise ValueError(f"steps and evaluations must be >= 1, got {steps}, {evaluations}")
     result = train.fit(
         model,
-        tx,
-        lambda epoch: data.batches(
-            jax.random.fold_in(data_key, epoch), dataset.train.images, dataset.train.labels, batch_size
+        recipe,
+        (dataset.train.images, dataset.train.labels),
+        (dataset.test.images, dataset.test.labels),
+        key=key,
+        loop=train.LoopConfig(
+            batch_size=batch_size,
+            steps=steps,
+            eval_batch_size=eval_batch_size,
+            eval_every=-(-steps // min(evaluations, steps)),
         ),
-        steps_per_epoch=steps_per_epoch,
-        epochs=-(-steps // steps_per_epoch),
-        max_steps=steps,
-        key=train_key,
-        learning_rate=schedule,
         preprocess=functools.partial(preprocess, dataset=dataset.name),
-        augment=recipe.augment(),
-        eval_batches=lambda: data.batches(
-            key,
-            dataset.test.images,
-            dataset.test.labels,
-            min(eval_batch_size, dataset.test.labels.shape[0]),
-            shuffle=False,
-            drop_remainder=False,
-        ),
-        eval_every=-(-steps // min(evaluations, steps)),
-        progress=progress,
+        log=train.LogConfig(progress=progress),
     )
     curve = [
         {

@@ -59,7 +59,8 @@ class Parser(argparse.ArgumentParser):
 def script(main: Callable) -> Callable:
     """The entry wrapper of every script's `main(argv)`: a training run stopped by non-finite values ends with one
     line naming the step and what was kept (exit 1), Ctrl-C with one line saying what a resume continues from
-    (exit 130), a checkpoint that cannot be resumed with one line naming it (exit 2); warnings are one line each;
+    (exit 130; SIGTERM: 143), a checkpoint that cannot be resumed with one line naming it (exit 2); warnings are one
+    line each;
     anything else (a bug) keeps its traceback."""
 
     @functools.wraps(main)
@@ -82,23 +83,30 @@ def script(main: Callable) -> Callable:
             raise SystemExit(1) from None
         except TrainingInterrupted as error:
             print(f"{prog}: {error}", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(error.exit_code) from None
 
     return run
 
 
-def check_out(parser: argparse.ArgumentParser, out: str, *, resume: bool) -> None:
-    """`parser.error` unless `out` can hold this run's files: a folder (or a path one can be created at) that is
-    writable, and without a finished run's results unless resuming."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        parser.error(f"--out {out!r} is an existing file, not a folder")
-    existing = os.path.abspath(out)
+def check_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """`parser.error` naming `flag` unless `folder` is a writable folder or a path one can be created at."""
+    if not folder:
+        parser.error(f"{flag} must name a folder, got {folder!r}")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"{flag} {folder!r} is an existing file, not a folder")
+    existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     try:  # the honest test (permission bits say little to root): make a folder there, and remove it
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".convlib-probe-"))
     except OSError as error:
-        parser.error(f"--out {out!r} cannot be created or written ({existing!r}: {error.strerror})")
+        parser.error(f"{flag} {folder!r} cannot be created or written ({existing!r}: {error.strerror})")
+
+
+def check_out(parser: argparse.ArgumentParser, out: str, *, resume: bool) -> None:
+    """`parser.error` unless `out` can hold this run's files: a folder (or a path one can be created at) that is
+    writable, and without a finished run's results unless resuming."""
+    check_folder(parser, "--out", out)
     if not resume and os.path.exists(os.path.join(out, "results.json")):
         parser.error(f"--out {out!r} holds a finished run's results.json: choose another folder (or --resume)")
 

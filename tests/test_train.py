@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -70,27 +71,63 @@ def tiny_optimizer(total_steps: int):
     return T.make_optimizer("nesterov", schedule, weight_decay=1e-4), schedule
 
 
-def tiny_fit(tmp=None, *, epochs=2, batch_size=16, dropout=0.1, nan_at=None, **kwargs):
-    """A few-step run of ``fit`` on the tiny CNN; ``tmp``: folder for checkpoints and the metrics log."""
+TINY_RECIPE = T.Recipe(optimizer="nesterov", learning_rate=0.1, warmup_steps=1, weight_decay=1e-4, crop_padding=1)
+RESUMES = {False: "never", True: "auto", "require": "require"}
+
+
+def tiny_fit(
+    tmp=None,
+    *,
+    epochs=2,
+    batch_size=16,
+    dropout=0.1,
+    nan_at=None,
+    max_steps=None,
+    checkpoint_every=0,
+    resume=False,
+    run_config=None,
+    on_corrupt_checkpoint="fall_back",
+    model=None,
+):
+    """A few-step run of ``fit`` on the tiny CNN (or ``model``); ``tmp``: folder for checkpoints and the metrics
+    log. ``nan_at``: the global batch whose images are NaN (through the keyword form, which takes any batches)."""
+    model = model or TinyCNN(rngs=nnx.Rngs(0, dropout=1), dropout=dropout)
     images, labels = synthetic_data()
-    tx, schedule = tiny_optimizer(epochs * len(labels) // batch_size)
-    paths = (
-        {}
-        if tmp is None
-        else {"checkpoint_dir": os.path.join(tmp, "ckpt"), "metrics_path": os.path.join(tmp, "metrics.jsonl")}
-    )
+    checkpoints = None
+    if tmp is not None:
+        checkpoints = T.CheckpointConfig(
+            directory=os.path.join(tmp, "ckpt"),
+            every=checkpoint_every,
+            resume=RESUMES[resume],
+            run_config=run_config,
+            on_corrupt=on_corrupt_checkpoint,
+        )
+    log = T.LogConfig(metrics_path=None if tmp is None else os.path.join(tmp, "metrics.jsonl"))
+    if nan_at is not None:
+        tx, schedule = tiny_optimizer(epochs * len(labels) // batch_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return T.fit(
+                model,
+                tx,
+                epoch_batches_for(images, labels, batch_size, nan_at=nan_at),
+                steps_per_epoch=len(labels) // batch_size,
+                epochs=epochs,
+                key=jax.random.key(0),
+                learning_rate=schedule,
+                checkpoint_dir=checkpoints.directory,
+                checkpoint_every=checkpoint_every,
+                metrics_path=log.metrics_path,
+            )
     return T.fit(
-        TinyCNN(rngs=nnx.Rngs(0, dropout=1), dropout=dropout),
-        tx,
-        epoch_batches_for(images, labels, batch_size, nan_at=nan_at),
-        steps_per_epoch=len(labels) // batch_size,
-        epochs=epochs,
+        model,
+        TINY_RECIPE,
+        (images, labels),
+        (images, labels),
         key=jax.random.key(0),
-        learning_rate=schedule,
-        augment=lambda key, x: x + 0.01 * jax.random.normal(key, x.shape),
-        eval_batches=lambda: epoch_batches_for(images, labels, 24)(0),
-        **paths,
-        **kwargs,
+        loop=T.LoopConfig(batch_size=batch_size, epochs=epochs, steps=max_steps, eval_batch_size=24),
+        checkpoints=checkpoints,
+        log=log,
     )
 
 
@@ -460,20 +497,10 @@ class WiderCNN(TinyCNN):
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_array(finished_run, tmp_path):
     folder = copy_of(finished_run, tmp_path)
-    images, labels = synthetic_data()
     with pytest.raises(
         ValueError, match=r"step 8 .* different model or optimiser: .params.* is float32\[4\] there, float32\[5\] here"
     ):
-        T.fit(
-            WiderCNN(rngs=nnx.Rngs(0, dropout=1)),
-            tiny_optimizer(8)[0],
-            epoch_batches_for(images, labels, 16),
-            steps_per_epoch=4,
-            epochs=2,
-            key=jax.random.key(0),
-            checkpoint_dir=folder / "ckpt",
-            resume=True,
-        )
+        tiny_fit(str(folder), resume=True, model=WiderCNN(rngs=nnx.Rngs(0, dropout=1)))
 
 
 def test_metrics_and_json_files_are_strict_json(tmp_path):

@@ -8,6 +8,10 @@ Orbax cannot tell a flipped byte or a truncated file from good data, so every sa
 checks a step against it; a step without one was cut off before its save finished (killed between Orbax's commit
 and the manifest), and a resume treats it as no checkpoint.
 
+A run's checkpoints (:meth:`Checkpoints.resume`, :meth:`Checkpoints.checkpoint`) also carry where the data
+stands and a JSON description of the run; a resume trusts only intact checkpoints with finite parameters of the same
+run, and falls back past damaged ones.
+
 Across processes (``convlib.train.distributed``), every process opens the same directory (storage they all see) and
 calls ``save`` / ``restore`` together: Orbax writes each array once, from the process holding it, and process 0 (the
 primary host) creates and finalises the folder, with barriers between them.
@@ -16,16 +20,24 @@ primary host) creates and finalises the folder, with barriers between them.
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
+from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from convlib.train.atomic_files import write_json
+from convlib.ops.checks import check_choice
+from convlib.train.atomic_files import as_disk_full, write_json
 from convlib.train.state import TrainState, is_prng_key
 
 MANIFEST = "convlib.sha256.json"
+Resume = Literal["never", "auto", "require"]
+RESUME = ("never", "auto", "require")
+"""``resume`` of a run: refuse a folder holding a checkpoint, continue from it if there is one, or must continue."""
+ON_CORRUPT = ("fall_back", "stop")
 
 
 class CheckpointError(ValueError):
@@ -37,7 +49,39 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """It was made by another model, optimiser or run."""
+    """It was made by another model, optimiser or run; ``key``: the first key of the run description that differs
+    (None: other arrays, or where the data stands)."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class CheckpointExistsError(CheckpointError):
+    """A run that does not resume found a checkpoint in its folder. ``directory``, ``step``: where and which."""
+
+    def __init__(self, directory: str, step: int):
+        self.directory, self.step = directory, step
+        super().__init__(
+            f"checkpoint_dir {directory!r} already holds a checkpoint (step {step}); pass resume='auto' "
+            "(resume=True in the keyword form) to continue it, or choose an empty folder"
+        )
+
+
+class NoCheckpointError(CheckpointError, FileNotFoundError):
+    """``resume="require"`` found no checkpoint to continue."""
+
+
+class NonFiniteParametersError(FloatingPointError):
+    """A state to be saved holds NaN/inf parameters (training diverged); nothing was saved."""
+
+
+def _first_non_finite(state: TrainState) -> str | None:
+    """The path of the first parameter array of ``state`` holding NaN/inf, or None."""
+    for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        if not bool(jnp.all(jnp.isfinite(p))):
+            return f"parameter {jax.tree_util.keystr(path)}"
+    return None
 
 
 def _keys_to_data(state: TrainState) -> TrainState:
@@ -68,11 +112,32 @@ def _abstract_saved(like: TrainState) -> TrainState:
 
 class Checkpoints:
     """Saves and restores ``TrainState``s under ``directory`` (one sub-folder per step; keeps the newest
-    ``max_to_keep``)."""
+    ``max_to_keep``), and a run's checkpoints: :meth:`resume` and :meth:`checkpoint` (every ``every`` steps in
+    :func:`convlib.train.fit`).
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+    steps_per_epoch: where the data stands, saved with each checkpoint. run: a JSON description of the run (model,
+    recipe, data, length) saved with each checkpoint; a resume whose ``run`` differs is refused naming the first
+    key that differs. on_corrupt: a newest checkpoint failing its checksums or holding non-finite parameters is set
+    aside (renamed ``<step>.corrupt``) and the run falls back to the newest intact one (``"fall_back"``), or stops
+    (``"stop"``).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int = 2,
+        every: int = 0,
+        steps_per_epoch: int | None = None,
+        run: dict | None = None,
+        on_corrupt: str = "fall_back",
+    ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep!r}")
+        self.directory, self.every, self.steps_per_epoch = os.fspath(directory), every, steps_per_epoch
+        self.on_corrupt = check_choice("on_corrupt", on_corrupt, ON_CORRUPT)
+        # as it reads back from the JSON metadata (tuples become lists); refuses what JSON cannot hold
+        self.run = None if run is None else json.loads(json.dumps(run, allow_nan=False))
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(
@@ -82,6 +147,7 @@ class Checkpoints:
                 multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
             ),
         )
+        self.last_saved = self.latest_step()
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint on disk now (also one written by another process), or ``None``."""
@@ -96,15 +162,24 @@ class Checkpoints:
     def save(self, state: TrainState, meta: dict) -> None:
         """Writes ``state`` and the JSON-serialisable ``meta`` under step ``int(state.step)``; returns when on disk."""
         step = int(jax.device_get(state.step))
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            folder = self.folder(step)
-            write_json(folder / MANIFEST, _digests(folder))
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                folder = self.folder(step)
+                write_json(folder / MANIFEST, _digests(folder))
+        except Exception as error:  # Orbax wraps the OSError of a full disk
+            needed = sum(x.nbytes for x in jax.tree.leaves(_keys_to_data(state)))
+            full = as_disk_full(error, self.folder(step), needed)
+            if full is None or full is error:
+                raise
+            raise full from error
         self._sync(f"convlib_manifest_{step}")
 
     def folder(self, step: int) -> Path:
@@ -177,6 +252,99 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+    # --- a run's checkpoints ----------------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after update ``step`` (every ``every`` steps)."""
+        return self.every > 0 and step % self.every == 0
+
+    def resume(self, state: TrainState, resume: Resume) -> TrainState:
+        """The newest usable checkpoint's state (else ``state``), as ``resume`` asks (see :data:`RESUME`): a
+        folder that holds one is refused with ``"never"`` (:class:`CheckpointExistsError`), and one without any
+        with ``"require"`` (``FileNotFoundError``)."""
+        if resume == "never":
+            if self.last_saved is not None:
+                raise CheckpointExistsError(self.directory, self.last_saved)
+            return state
+        damaged_finished = False
+        for step in sorted(self.all_steps(), reverse=True):
+            problem = self.verify(step)
+            if problem is None:
+                self._check_same_run(step, self.meta(step))
+                restored = self.restore(state, step)[0]
+                bad = _first_non_finite(restored)
+                if bad is None:
+                    self.last_saved = step
+                    return restored
+                problem = f"{bad} holds non-finite values"
+            if self.on_corrupt == "stop":
+                raise CorruptCheckpointError(f"checkpoint step {step} is corrupt: {problem}")
+            damaged_finished |= self.finished(step)
+            moved = self.set_aside(step)
+            warnings.warn(f"checkpoint step {step} is corrupt: {problem}; set aside as {moved.name}", stacklevel=3)
+        self.last_saved = None
+        if damaged_finished:  # a finished checkpoint failed: its run cannot go on from there
+            raise CorruptCheckpointError(
+                f"no intact checkpoint left in {self.directory!r} (the corrupt ones are set aside)"
+            )
+        if resume == "require":  # saves cut off before their manifests were never checkpoints
+            raise NoCheckpointError(f"resume='require' but checkpoint_dir {self.directory!r} holds no checkpoint")
+        warnings.warn(f"no checkpoint in {self.directory!r} to resume: training starts at step 0", stacklevel=3)
+        return state
+
+    def _check_same_run(self, step: int, meta: dict) -> None:
+        if self.run is not None and meta.get("run", self.run) != self.run:
+            saved = meta["run"]
+            key = next(k for k in sorted(saved.keys() | self.run.keys()) if saved.get(k) != self.run.get(k))
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory!r} belongs to a different run: {key} is "
+                f"{saved.get(key)!r} there, {self.run.get(key)!r} here",
+                key=key,
+            )
+        if self.steps_per_epoch is not None and meta["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointMismatchError(
+                f"steps_per_epoch={self.steps_per_epoch} differs from the checkpoint's {meta['steps_per_epoch']}"
+            )
+
+    def checkpoint(self, state: TrainState) -> None:
+        """Saves ``state`` (on the host) under its step, with where the data stands and the run; refuses
+        non-finite parameters (:class:`NonFiniteParametersError`, nothing saved)."""
+        step = int(state.step)
+        bad = _first_non_finite(state)
+        if bad is not None:
+            raise NonFiniteParametersError(f"{bad} holds non-finite values at step {step}")
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "steps_per_epoch": self.steps_per_epoch}
+        meta |= {"signature": signature(state)} | ({} if self.run is None else {"run": self.run})
+        Checkpoints.save(self, state, meta)
+        self.last_saved = step
+
+
+class Checkpointer(Checkpoints):
+    """Deprecated: :class:`Checkpoints` with ``every``, ``steps_per_epoch``, ``run`` and ``on_corrupt`` is a run's
+    checkpoints; ``restore(state, resume)`` is :meth:`Checkpoints.resume`, ``save(state)`` is
+    :meth:`Checkpoints.checkpoint`."""
+
+    def __init__(self, directory, *, every: int, steps_per_epoch: int, run=None, on_corrupt: str = "fall_back"):
+        warnings.warn(
+            "Checkpointer is deprecated: use Checkpoints(directory, every=..., steps_per_epoch=..., run=..., "
+            "on_corrupt=...) and its resume() / checkpoint()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(directory, every=every, steps_per_epoch=steps_per_epoch, run=run, on_corrupt=on_corrupt)
+
+    def restore(self, state, resume=None, *args):
+        if isinstance(resume, bool | str):  # the old (state, resume) form
+            return self.resume(state, {True: "auto", False: "never"}.get(resume, resume))
+        return super().restore(state, resume, *args)
+
+    def save(self, state, meta=None) -> None:
+        if meta is None:  # the old (state) form
+            self.checkpoint(state)
+        else:
+            super().save(state, meta)
 
 
 def _difference(saved: dict[str, list], wanted: dict[str, list]) -> str:

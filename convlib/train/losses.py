@@ -53,10 +53,14 @@ def rbf(j: float = 1.0) -> Loss:
     )
 
 
+LOSSES = ("cross_entropy", "rbf")
+"""The names :func:`make_loss` takes."""
+
+
 def make_loss(name: str, *, rbf_j: float = 1.0) -> Loss:
     """``"cross_entropy"`` or ``"rbf"`` (with constant ``rbf_j``)."""
     if name == "cross_entropy":
         return CROSS_ENTROPY
     if name == "rbf":
         return rbf(rbf_j)
-    raise ValueError(f"loss must be 'cross_entropy' or 'rbf', got {name!r}")
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")

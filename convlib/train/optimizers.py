@@ -52,30 +52,53 @@ def make_schedule(
     base_lr = check_float("base_lr", base_lr, minimum=0.0, open_minimum=True)
     total_steps = check_int("total_steps", total_steps, minimum=1)
     warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+    if name != "constant":
+        check_warmup(warmup_steps, total_steps)
     decay_factor = check_float("decay_factor", decay_factor, minimum=0.0)
     end_lr = check_float("end_lr", end_lr, minimum=0.0)
+    if name == "piecewise":
+        boundaries = None if boundaries is None else check_boundaries(boundaries)
+    return build_schedule(name, base_lr, total_steps, warmup_steps, boundaries, decay_factor, end_lr)
+
+
+def check_warmup(warmup_steps: int, total_steps: int) -> int:
+    """``warmup_steps`` (an int >= 0) if it is shorter than the run's ``total_steps``."""
+    if warmup_steps >= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
+    return warmup_steps
+
+
+def check_boundaries(boundaries: Sequence[int]) -> tuple[int, ...]:
+    """``boundaries`` as a tuple if they are positive, increasing ints."""
+    boundaries = tuple(check_int("boundaries", b) for b in boundaries)
+    if any(b <= 0 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+        raise ValueError(f"boundaries must be positive and increasing, got {boundaries!r}")
+    return boundaries
+
+
+def build_schedule(
+    name: str,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    boundaries: tuple[int, ...] | None,
+    decay_factor: float,
+    end_lr: float = 0.0,
+) -> optax.Schedule:
+    """:func:`make_schedule` for arguments already checked (by it, or by a :class:`~convlib.train.Recipe`)."""
     if name == "constant":
         return optax.constant_schedule(base_lr)
-    if name == "piecewise":
-        if boundaries is None:
-            boundaries = (total_steps // 2, (3 * total_steps) // 4)
-        boundaries = [check_int("boundaries", b) for b in boundaries]
-        if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
-            raise ValueError(f"boundaries must be positive and increasing, got {tuple(boundaries)!r}")
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
-        scales = {int(b): decay_factor for b in boundaries}
-        if not warmup_steps:
-            return optax.piecewise_constant_schedule(base_lr, scales)
-        scales[warmup_steps] = scales.get(warmup_steps, 1.0) / PIECEWISE_WARMUP
-        return optax.piecewise_constant_schedule(base_lr * PIECEWISE_WARMUP, scales)
     if name == "cosine":
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps!r}")
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=base_lr, warmup_steps=warmup_steps, decay_steps=total_steps, end_value=end_lr
         )
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    if boundaries is None:
+        boundaries = (total_steps // 2, (3 * total_steps) // 4)
+    scales = {int(b): decay_factor for b in boundaries}
+    if not warmup_steps:
+        return optax.piecewise_constant_schedule(base_lr, scales)
+    scales[warmup_steps] = scales.get(warmup_steps, 1.0) / PIECEWISE_WARMUP
+    return optax.piecewise_constant_schedule(base_lr * PIECEWISE_WARMUP, scales)
 
 
 def make_optimizer(
@@ -100,14 +123,19 @@ def make_optimizer(
     check_learning_rate(learning_rate)
     weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
     momentum = check_float("momentum", momentum, 0.0, 1.0, open_maximum=True)
+    return build_optimizer(name, learning_rate, momentum, weight_decay, decay_mask)
+
+
+def build_optimizer(
+    name: str, learning_rate, momentum: float, weight_decay: float, decay_mask=decay_kernels_only
+) -> optax.GradientTransformation:
+    """:func:`make_optimizer` for arguments already checked (by it, or by a :class:`~convlib.train.Recipe`)."""
     if name == "adamw":
         return optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask)
-    if name in ("sgd", "nesterov"):
-        base = optax.sgd(learning_rate, momentum=momentum or None, nesterov=name == "nesterov")
-    elif name == "adam":
+    if name == "adam":
         base = optax.adam(learning_rate)
     else:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        base = optax.sgd(learning_rate, momentum=momentum or None, nesterov=name == "nesterov")
     if weight_decay == 0:
         return base
     return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), base)

@@ -13,7 +13,14 @@ import optax
 
 from convlib import data
 from convlib.ops.checks import check_bool, check_choice, check_float, check_int
-from convlib.train.optimizers import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
+from convlib.train.optimizers import (
+    OPTIMIZERS,
+    SCHEDULES,
+    build_optimizer,
+    build_schedule,
+    check_boundaries,
+    check_warmup,
+)
 from convlib.train.steps import Augment
 
 
@@ -60,26 +67,34 @@ class Recipe:
         check_int("crop_padding", self.crop_padding, minimum=0)
         check_bool("flip", self.flip)
         if self.boundaries is not None:
-            object.__setattr__(
-                self, "boundaries", tuple(check_int("boundaries", b, minimum=1) for b in self.boundaries)
-            )
+            object.__setattr__(self, "boundaries", check_boundaries(self.boundaries))
+
+    @property
+    def depends_on_length(self) -> bool:
+        """Whether the schedule depends on the run's length (cosine; piecewise at default boundaries): a run
+        resumed with another length would follow another schedule."""
+        return self.schedule == "cosine" or (self.schedule == "piecewise" and self.boundaries is None)
 
     def learning_rate_schedule(self, total_steps: int) -> optax.Schedule:
-        """The schedule `step -> learning rate` of a run of `total_steps` updates."""
-        return make_schedule(
-            self.schedule,
-            self.learning_rate,
-            total_steps=total_steps,
-            warmup_steps=self.warmup_steps,
-            boundaries=self.boundaries,
-            decay_factor=self.decay_factor,
+        """The schedule `step -> learning rate` of a run of `total_steps` updates (which must outlast the
+        warm-up)."""
+        total_steps = check_int("total_steps", total_steps, minimum=1)
+        if self.schedule != "constant":
+            check_warmup(self.warmup_steps, total_steps)
+        return build_schedule(
+            self.schedule, self.learning_rate, total_steps, self.warmup_steps, self.boundaries, self.decay_factor
         )
 
+    def tx(self, total_steps: int) -> optax.GradientTransformation:
+        """The Optax optimiser of a run of `total_steps` updates, its learning rate an
+        ``optax.inject_hyperparams`` hyperparameter (so the optimiser state says the rate of every update)."""
+        return optax.inject_hyperparams(
+            lambda learning_rate: build_optimizer(self.optimizer, learning_rate, self.momentum, self.weight_decay)
+        )(learning_rate=self.learning_rate_schedule(total_steps))
+
     def optimizer_for(self, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-        """`(tx, schedule)` for a run of `total_steps` updates (pass both to :func:`convlib.train.fit`)."""
-        schedule = self.learning_rate_schedule(total_steps)
-        tx = make_optimizer(self.optimizer, schedule, momentum=self.momentum, weight_decay=self.weight_decay)
-        return tx, schedule
+        """`(tx, schedule)` for a run of `total_steps` updates: :meth:`tx` and its schedule."""
+        return self.tx(total_steps), self.learning_rate_schedule(total_steps)
 
     def augment(self) -> Augment | None:
         """`(key, images) -> images`, the recipe's augmentation inside the train step; None without one."""

@@ -26,6 +26,12 @@ def _keep_keys(before, after):
     return jax.tree.map(lambda b, a: b if is_prng_key(b) else a, before, after)
 
 
+def _out_of_range(labels: jax.Array, num_classes: int, mask: jax.Array | None = None) -> jax.Array:
+    """How many ``labels`` (B,) (where ``mask`` is 1) lie outside ``[0, num_classes)``, as a float32 scalar."""
+    bad = (labels < 0) | (labels >= num_classes)
+    return jnp.sum(bad if mask is None else bad * mask, dtype=jnp.float32)
+
+
 def _sync_batch_norm(model: nnx.Module, axis_name: str) -> None:
     """Makes every ``nnx.BatchNorm`` compute its batch statistics across the mapped axis ``axis_name``."""
     for _, module in model.iter_modules():
@@ -46,7 +52,9 @@ def make_train_step(
     """``train_step(state, batch) -> (state, metrics)``, one optimiser update on ``batch``.
 
     batch: ``{"image": (B, H, W, C), "label": (B,) int}``. metrics: scalars ``loss`` (mean over the batch, before the
-    update), ``accuracy``, ``grad_norm`` and ``learning_rate`` (``learning_rate`` at this step, NaN when not given).
+    update), ``accuracy``, ``grad_norm``, ``learning_rate`` (of this update: the ``learning_rate`` hyperparameter
+    of an ``optax.inject_hyperparams`` optimiser, else ``learning_rate`` at this step, NaN when neither) and
+    ``bad_labels`` (how many labels lie outside ``[0, K)`` for the model's K outputs; the caller refuses them).
     With ``axis_name`` the step runs per device under a mapped axis of that name (``pmap`` / ``shard_map``):
     BatchNorm statistics, gradients and metrics are averaged over it, and dropout keys and the augmentation key are
     folded with the device index.
@@ -81,12 +89,15 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         lr = learning_rate(state.step) if callable(learning_rate) else learning_rate
-        lr = jnp.nan if lr is None else lr
+        if lr is None:
+            lr = optax.tree_utils.tree_get(opt_state, "learning_rate", jnp.nan, lambda _, x: isinstance(x, jax.Array))
+        bad_labels = _out_of_range(labels, outputs.shape[-1])
         metrics = {
             "loss": value,
             "accuracy": accuracy,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(lr, jnp.float32),
+            "bad_labels": bad_labels if axis_name is None else jax.lax.psum(bad_labels, axis_name),
         }
         return TrainState(state.step + 1, params, new_rest, opt_state, state.key), metrics
 
@@ -102,7 +113,8 @@ def make_eval_step(
 ) -> Callable[[TrainState, dict], dict]:
     """``eval_step(state, batch) -> {"loss_sum", "correct", "count"}`` in evaluation mode (running BatchNorm
     statistics, no dropout). ``batch`` may hold ``"mask": (B,)`` (1 = real example, 0 = padding); sums are over
-    real examples, and over devices with ``axis_name``."""
+    real examples, and over devices with ``axis_name``; ``bad_labels``: how many real labels lie outside
+    ``[0, K)``."""
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         images, labels = batch["image"], batch["label"]
@@ -116,6 +128,7 @@ def make_eval_step(
             "loss_sum": jnp.sum(loss.per_example(outputs, labels) * mask),
             "correct": jnp.sum((loss.predict(outputs) == labels) * mask),
             "count": jnp.sum(mask),
+            "bad_labels": _out_of_range(labels, outputs.shape[-1], mask),
         }
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
