@@ -72,16 +72,19 @@ def load_splits(
     seed: int = 0,
     train_size: int | None = None,
     test_size: int | None = None,
+    apt_install=None,
 ) -> Dataset:
-    """The first `train_size` / `test_size` examples (None: all) of dataset `name` (see `convlib.data.load`), on
-    device, optionally zero-padded to `pad_to` x `pad_to`; with `synthetic`, that many synthetic training images
-    (and `test_size`, default a fifth as many, test images) instead."""
+    """The first `train_size` / `test_size` examples (None: all) of dataset `name` (see `convlib.data.load`, which
+    also takes `apt_install`), on device, optionally zero-padded to `pad_to` x `pad_to`; with `synthetic`, that many
+    synthetic training images (and `test_size`, default a fifth as many, test images) instead."""
 
     def split(split_name, size):
         if synthetic:
             images, labels = synthetic_images(seed + (split_name == "test"), size)
         else:
-            images, labels = data.load(name, split_name, data_dir=data_dir, source_dir=source_dir)
+            images, labels = data.load(
+                name, split_name, data_dir=data_dir, source_dir=source_dir, apt_install=apt_install
+            )
             images, labels = images[:size], labels[:size]
         images = jax.device_put(images)
         return Split(images if pad_to is None else data.pad_images(images, to=pad_to), jax.device_put(labels))

@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
-from convlib.train import CheckpointError, NonFiniteLossError, TrainingInterrupted, write_json
+from convlib.train import CheckpointError, NonFiniteLossError, write_json
 from convlib.train.atomic_files import atomic_path, write_text
 
 SIZES = ("smoke", "default", "full")
@@ -81,9 +81,9 @@ def script(main: Callable) -> Callable:
         except NonFiniteLossError as error:
             print(f"{prog}: stopped: {error}", file=sys.stderr)
             raise SystemExit(1) from None
-        except TrainingInterrupted as error:
-            print(f"{prog}: {error}", file=sys.stderr)
-            raise SystemExit(error.exit_code) from None
+        except KeyboardInterrupt as error:  # TrainingInterrupted, data.PreparationInterrupted, or a plain Ctrl-C
+            print(f"{prog}: {error or 'interrupted'}", file=sys.stderr)
+            raise SystemExit(getattr(error, "exit_code", 130)) from None
 
     return run
 

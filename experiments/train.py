@@ -74,6 +74,7 @@ def make_parser() -> outputs.Parser:
     add("--dataset", choices=data.DATASETS, default="fashion_mnist", help="fashion_mnist, mnist: 28x28; cifar10: 32x32")
     add("--data-dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     add("--source-dir", default=None, help=SOURCE_DIR_HELP)
+    add("--install-dataset", action="store_true", help="IDX datasets: apt-get install the Debian package if missing")
     add("--synthetic", type=int, default=None, metavar="N", help="N synthetic training images (N / 5 test) instead")
     add("--input-size", type=int, default=32, help="image side fed to the model (smaller images are zero-padded)")
     add("--crop-padding", type=int, default=2, help="augmentation: random crop after zero-padding (0: none)")
@@ -263,6 +264,7 @@ def set_up(p: argparse.ArgumentParser, args: argparse.Namespace):
         synthetic=args.synthetic,
         data_dir=args.data_dir,
         source_dir=args.source_dir,
+        apt_install=data.apt_get_install if args.install_dataset else None,
         pad_to=args.input_size,
         seed=args.seed,
     )
@@ -463,6 +465,7 @@ def report(run: outputs.Run, args: argparse.Namespace, result: train.FitResult) 
                 "fit_wall_s": result.wall_s,
                 "train_images_per_s": outputs.finite_or_none(result.images_per_s),
                 "model_options": args.model_options,
+                "data_source": None if args.synthetic else data.provenance(args.dataset, args.data_dir),
             }
         )
     except OSError as error:
