@@ -259,9 +259,10 @@ def _linear_transpose(other: Primitive, c, t, *consts, **params):
 
 def _fold_all_into_batch(primitive: Primitive, operands, dims, **params):
     size = next(a.shape[d] for a, d in zip(operands, dims) if d is not None)
+    batch = next(a.shape[1 if d == 0 else 0] for a, d in zip(operands, dims))
     folded = []
     for a, d in zip(operands, dims):
         a = jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-        folded.append(a.reshape(size * a.shape[1], *a.shape[2:]))
+        folded.append(a.reshape(size * batch, *a.shape[2:]))
     y = _bind(primitive, *folded, **params)
-    return y.reshape(size, y.shape[0] // size, *y.shape[1:]), 0
+    return y.reshape(size, batch, *y.shape[1:]), 0
