@@ -201,12 +201,20 @@ def pool_cases(draw):
     return lambda x, backward: ops.avg_pool(x, window, count_include_pad=include, backward=backward, **kwargs), x
 
 
+SECOND_ORDER = ("grad_of_grad", "grad_of_jvp", "hvp_forward_over_reverse", "hessian")
+
+
 @settings(max_examples=6)
-@given(pool_cases())
-def test_pools_every_transformation(case):
-    """Ties included: max pool's switches go to the first maximum of each window, as JAX's and PyTorch's."""
+@given(pool_cases(), st.integers(0, 2**16))
+def test_pools_every_transformation(case, seed):
+    """First order with ties: max pool's switches go to the first maximum of each window, as JAX's and PyTorch's.
+    Second order without: at ties JAX's second-order rules of `reduce_window` max leave the first-maximum rule
+    (there the custom_vjp agrees with composable, not with autodiff)."""
     op, x = case
-    check_agrees(op, (x,), TRANSFORMATIONS | (MATRICES if x.size <= 64 else {}))
+    transformations = TRANSFORMATIONS | (MATRICES if x.size <= 64 else {})
+    check_agrees(op, (x,), {k: t for k, t in transformations.items() if k not in SECOND_ORDER})
+    x = x + np.random.default_rng(seed).uniform(0.0, 0.5, x.shape)  # integers apart by >= 1: no ties left
+    check_agrees(op, (x,), {k: t for k, t in transformations.items() if k in SECOND_ORDER})
 
 
 @settings(max_examples=6)
