@@ -35,8 +35,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,plot,docs]"
 	touch $(STAMP)
 
-# Fashion-MNIST from Debian's package when we may install it; otherwise convlib.data
-# falls back to TFDS's download manager or says exactly what to do.
+# Fashion-MNIST from Debian's package when we may install it: the one place a clone opts in to installing (the
+# library never runs apt-get unless given apt_install=convlib.data.apt_get_install); otherwise convlib.data falls
+# back to TFDS's download manager or says in one line what to do.
 dataset:
 	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null \

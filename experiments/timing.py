@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import jax
 
-from convlib.ops.plan import compiler_options
+from convlib.ops import compiler_options
 
 
 def jit(fn: Callable, **kwargs) -> Callable:

@@ -3,10 +3,13 @@
 import numpy as np
 from hypothesis import strategies as st
 
+TINY_BATCHES = st.sampled_from([0, 1, 2, 2])
+
 
 @st.composite
-def conv_configs(draw, max_ndim=3):
-    """Draws (x_shape, w_shape, has_bias, kwargs) for a valid `conv` call, float64-sized tiny."""
+def conv_configs(draw, max_ndim=3, batches=TINY_BATCHES, max_extra=3):
+    """Draws (x_shape, w_shape, has_bias, kwargs) for a valid `conv` call, float64-sized tiny: `batches` images,
+    each spatial dim at most `max_extra` (1 in 3-D) above what the kernel needs."""
     ndim = draw(st.integers(1, max_ndim))
     layout = draw(st.sampled_from(["NHWC", "NCHW"]))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
@@ -33,8 +36,8 @@ def conv_configs(draw, max_ndim=3):
             need = max(need, lo + 1, hi + 1)
         elif padding_mode == "circular":
             need = max(need, lo, hi)
-        spatial.append(draw(st.integers(need, need + (3 if ndim < 3 else 1))))
-    batch = draw(st.sampled_from([0, 1, 2, 2]))
+        spatial.append(draw(st.integers(need, need + (max_extra if ndim < 3 else min(max_extra, 1)))))
+    batch = draw(batches)
     if layout == "NHWC":
         x_shape, w_shape = (batch, *spatial, c_in), (*kernel, c_in // groups, c_out)
     else:
@@ -45,6 +48,12 @@ def conv_configs(draw, max_ndim=3):
     if draw(st.booleans()):  # ints instead of tuples where they are equal
         kwargs["stride"] = stride[0] if len(set(stride)) == 1 else stride
     return x_shape, w_shape, draw(st.booleans()), kwargs
+
+
+def chunked_conv_configs():
+    """Conv configs with batches of 16-20 images on tiny maps: more than two chunks of the CPU plan's chunked dE/dW
+    (8 images), which the tiny batches of :func:`conv_configs` never reach."""
+    return conv_configs(max_ndim=2, batches=st.integers(16, 20), max_extra=1)
 
 
 def random_arrays(seed, x_shape, w_shape, has_bias, layout, dtype=np.float64):

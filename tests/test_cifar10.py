@@ -1,5 +1,6 @@
 """convlib.data's CIFAR-10: the official python archive (or its folder) through the offline TFDS builder."""
 
+import hashlib
 import io
 import pickle
 import struct
@@ -150,6 +151,17 @@ def test_missing_archive_says_where_to_put_it(tmp_path):
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match=r"name='cifar100'.*'cifar10', 'fashion_mnist', 'mnist'"):
         data.load("cifar100", data_dir=tmp_path)
+
+
+def test_prepared_from_the_archive_records_it_and_refuses_another(tmp_path):
+    archive = write_archive(tmp_path / "src" / cifar.ARCHIVE, official_batches())
+    other = write_archive(tmp_path / "other" / cifar.ARCHIVE, official_batches(seed=1))
+    data.prepare("cifar10", data_dir=tmp_path / "tfds", source_dir=archive)
+    record = data.provenance("cifar10", tmp_path / "tfds")
+    assert record["source"] == str(archive.resolve())
+    assert record["files"] == {cifar.ARCHIVE: hashlib.sha256(archive.read_bytes()).hexdigest()}
+    with pytest.raises(ValueError, match=r"source_dir='.*other'.*was prepared from other files"):
+        data.load("cifar10", data_dir=tmp_path / "tfds", source_dir=other.parent)
 
 
 class _Evil:

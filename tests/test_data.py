@@ -2,7 +2,12 @@
 
 import functools
 import gzip
+import hashlib
 import http.server
+import os
+import re
+import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -218,16 +223,177 @@ def test_read_idx_reports_wrong_shape_header(tmp_path):
         data.read_idx(path, 0x00000803)
 
 
+# --- what was prepared, and recovering from damage ------------------------------------------------
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def mnist_path(data_dir: Path) -> Path:
+    return Path(data.IdxImages(config="mnist", data_dir=data_dir).data_path)
+
+
+def test_prepared_dataset_records_its_source(tmp_path):
+    make_idx_folder(tmp_path / "src")
+    assert data.provenance("mnist", tmp_path / "tfds") is None  # not prepared
+    data.prepare("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
+    record = data.provenance("mnist", tmp_path / "tfds")
+    assert record["dataset"] == "mnist" and record["source"] == str((tmp_path / "src").resolve())
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "src").iterdir()}
+    assert record["files"] == files
+
+
+def test_other_source_dir_is_refused_not_silently_ignored(tmp_path):
+    arrays = make_idx_folder(tmp_path / "src")
+    make_idx_folder(tmp_path / "other", seed=1)
+    data.prepare("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
+    with pytest.raises(ValueError, match=r"source_dir='.*other'.*prepared from other files.*rm -r") as error:
+        data.load("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "other", **OFFLINE)
+    one_line(error)
+    shutil.copytree(tmp_path / "src", tmp_path / "copy")  # the same files elsewhere are the same source
+    _, labels = data.load("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "copy", **OFFLINE)
+    np.testing.assert_array_equal(labels, arrays["train_labels"])
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-50])
+
+
+def _overwrite_middle(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 - 8 : len(raw) // 2 + 8] = bytes(16)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _overwrite_middle])
+def test_damaged_prepared_shard_is_named_with_the_rebuild_command(tmp_path, damage):
+    arrays = make_idx_folder(tmp_path / "src")
+    data.prepare("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
+    (shard,) = mnist_path(tmp_path / "tfds").glob("*-train.array_record-*")
+    damage(shard)
+    with pytest.raises(ValueError, match=rf"{shard.name}.*rebuild it with `rm -r ") as error:
+        data.load("mnist", "train", data_dir=tmp_path / "tfds", **OFFLINE)
+    command = one_line(error).split("`")[1]
+    subprocess.run(command, shell=True, check=True)  # the command the message gives rebuilds it
+    _, labels = data.load("mnist", "train", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
+    np.testing.assert_array_equal(labels, arrays["train_labels"])
+
+
+def test_interrupted_preparation_is_removed_by_the_next(tmp_path):
+    make_idx_folder(tmp_path / "src")
+    leftover = mnist_path(tmp_path / "tfds").parent / f"incomplete.ABC123_{data.IdxImages.VERSION}"
+    leftover.mkdir(parents=True)
+    (leftover / "convlib_idx-train.array_record-00000-of-00001").write_bytes(b"partial")  # as SIGKILL leaves it
+    data.prepare("mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
+    assert not leftover.exists() and mnist_path(tmp_path / "tfds").is_dir()
+
+
+def test_ctrl_c_while_preparing_stops_in_one_line(tmp_path, monkeypatch):
+    make_idx_folder(tmp_path / "src")
+    original = data.IdxImages._generate_examples
+
+    def interrupted(self, images, labels):
+        yield from list(original(self, images, labels))[:3]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.IdxImages, "_generate_examples", interrupted)
+    with pytest.raises(KeyboardInterrupt, match=r"preparing fashion_mnist .* interrupted") as error:
+        data.prepare("fashion_mnist", data_dir=tmp_path / "tfds", source_dir=tmp_path / "src", **OFFLINE)
+    assert isinstance(error.value, data.PreparationInterrupted) and error.value.__suppress_context__
+    one_line(error)
+    assert_nothing_prepared(tmp_path / "tfds")
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_data_dir_that_is_a_file_is_one_line(tmp_path, inside):
+    (tmp_path / "file").write_text("not a folder")
+    data_dir = tmp_path / "file" / "tfds" if inside else tmp_path / "file"
+    make_idx_folder(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"data_dir='.*' \(--data-dir\): .*file is a file, not a folder") as error:
+        data.load("mnist", data_dir=data_dir, source_dir=tmp_path / "src", **OFFLINE)
+    one_line(error)
+
+
+def test_unwritable_data_dir_is_one_line(tmp_path):
+    make_idx_folder(tmp_path / "src")
+    if os.geteuid() == 0:  # root writes through permission bits; /sys refuses even root
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("running as root without /sys: no folder root cannot write")
+        data_dir = Path("/sys/kernel/convlib_tfds")
+    else:
+        data_dir = tmp_path / "read_only"
+        data_dir.mkdir(mode=0o555)
+    with pytest.raises(ValueError, match=r"data_dir='.*convlib_tfds|read_only' \(--data-dir\) cannot be written"):
+        data.load("mnist", data_dir=data_dir, source_dir=tmp_path / "src", **OFFLINE)
+
+
+DISK_FULL = """
+import resource, signal, sys
+from convlib import data
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+try:
+    data.prepare("mnist", data_dir=sys.argv[1], source_dir=sys.argv[2], apt_install=None, download=False)
+except data.DatasetError as error:
+    print(error)
+"""
+
+
+def test_disk_full_while_preparing_is_one_line(tmp_path):
+    make_idx_folder(tmp_path / "src")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-c", DISK_FULL, str(tmp_path / "tfds"), str(tmp_path / "src")]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (line,) = run.stdout.strip().splitlines()[-1:]
+    assert re.search(r"no space to prepare mnist in .*tfds \(.*\): the file system at /.* has \d+ bytes free", line)
+    assert f"about {17 * (28 * 28 + 1)} bytes are needed" in line  # 17 images of 28 x 28 and their labels
+    assert not mnist_path(tmp_path / "tfds").exists()
+    assert list((tmp_path / "tfds").rglob("incomplete.*")) == []
+
+
+CONCURRENT = """
+import sys, time
+from convlib import data
+original = data.IdxImages._generate_examples
+def slow(self, images, labels):  # long enough for the two preparations to overlap
+    for example in original(self, images, labels):
+        time.sleep(0.1)
+        yield example
+data.IdxImages._generate_examples = slow
+_, labels = data.load("mnist", data_dir=sys.argv[1], source_dir=sys.argv[2], apt_install=None, download=False)
+print(labels.tolist())
+"""
+
+
+def test_two_processes_preparing_at_once_both_read_one_dataset(tmp_path):
+    arrays = make_idx_folder(tmp_path / "src")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-c", CONCURRENT, str(tmp_path / "tfds"), str(tmp_path / "src")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == str(arrays["train_labels"].tolist())
+    assert [p.name for p in mnist_path(tmp_path / "tfds").parent.iterdir() if p.name.startswith("incomplete")] == []
+
+
 # --- finding the files ------------------------------------------------------------------------
 
 
-def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, monkeypatch):
-    debian_dir = tmp_path / "usr-share"
-    monkeypatch.setitem(
-        data.IDX_SOURCES,
-        "fashion_mnist",
-        data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=debian_dir),
-    )
+@pytest.fixture
+def debian_dir(tmp_path, monkeypatch) -> Path:
+    """Fashion-MNIST's Debian folder, empty, under tmp_path (and no network)."""
+    folder = tmp_path / "usr-share"
+    source = data.IdxSource(url="http://127.0.0.1:9/", debian_package="dataset-fashion-mnist", debian_dir=folder)
+    monkeypatch.setitem(data.IDX_SOURCES, "fashion_mnist", source)
+    return folder
+
+
+def test_ensure_idx_files_installs_the_debian_package_when_missing(debian_dir):
     installed = []
 
     def fake_apt(package):
@@ -239,6 +405,25 @@ def test_ensure_idx_files_installs_the_debian_package_when_missing(tmp_path, mon
     assert installed == ["dataset-fashion-mnist"]
     assert data.ensure_idx_files("fashion_mnist", apt_install=fake_apt) == debian_dir
     assert installed == ["dataset-fashion-mnist"]  # present now: apt not run again
+
+
+def test_load_installs_nothing_unless_asked(tmp_path, monkeypatch, debian_dir):
+    commands = []
+
+    def fake_run(command, **kwargs):  # apt-get as root would run here
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(FileNotFoundError) as error:
+        data.load("fashion_mnist", data_dir=tmp_path / "tfds", download=False)
+    assert commands == []
+    assert "install them with `apt-get install dataset-fashion-mnist`" in one_line(error)
+    with pytest.raises(FileNotFoundError):  # opted in: apt-get runs (and fails here)
+        data.load("fashion_mnist", data_dir=tmp_path / "tfds", download=False, apt_install=data.apt_get_install)
+    assert commands[0][:2] == ["apt-get", "install"] and "dataset-fashion-mnist" in commands[0]
 
 
 def test_ensure_idx_files_downloads_through_tfds(tmp_path):

@@ -2,7 +2,7 @@
 and each package has its reference page. `make docs` runs this before `mkdocs build --strict`."""
 
 import ast
-import importlib
+import importlib.util
 import inspect
 import itertools
 from pathlib import Path
@@ -52,3 +52,75 @@ def test_every_public_name_has_a_docstring(name):
 def test_every_package_has_its_reference_page(name):
     page = DOCS / "api" / f"{name}.md"
     assert f"::: convlib.{name}" in page.read_text(), page
+
+
+# The site's build machinery (docs/hooks.py, docs/griffe_doctests.py), checked without building the site.
+# `make docs` runs the link check itself over the whole built site; these tests pin what each piece must do.
+@pytest.fixture(scope="module")
+def hooks():
+    return _docs_module("hooks")
+
+
+@pytest.fixture(scope="module")
+def docstrings():
+    return _docs_module("griffe_doctests")
+
+
+def _docs_module(name):
+    spec = importlib.util.spec_from_file_location(f"convlib_docs_{name}", DOCS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_formulas_become_mathml_outside_code_only(hooks):
+    html = hooks.typeset(
+        '<p>$x_i$ and <code>$OUT</code></p><span class="arithmatex">\\(K\\)</span><p>$$\\sum_i a_i$$</p><pre>$a$</pre>',
+        "page",
+    )
+    assert html.count("<math") == 3 and "<code>$OUT</code>" in html and "<pre>$a$</pre>" in html
+    assert '<span class="math-display"><math' in html and "$" not in html.replace("$OUT", "").replace("$a$", "")
+
+
+@pytest.mark.parametrize("latex", ["$\\foo{x}$", "$$\\begin{aligned} a &= b \\end{aligned}$$"])
+def test_a_formula_mathml_cannot_show_fails_the_build(hooks, latex):
+    from mkdocs.exceptions import PluginError
+
+    with pytest.raises(PluginError, match="latex2mathml cannot read"):
+        hooks.typeset(f"<p>{latex}</p>", "page")
+
+
+def test_link_check_finds_missing_files_and_anchors(hooks, tmp_path):
+    (tmp_path / "a.html").write_text('<h2 id="here">x</h2><a href="b.html#there"></a><a href="#here"></a>')
+    (tmp_path / "b.html").write_text('<a href="a.html#gone"></a><img src="missing.png"><a href="https://x.org">')
+    broken = ["a.html: b.html#there", "b.html: a.html#gone", "b.html: missing.png"]
+    assert sorted(hooks.broken_links(tmp_path)) == broken
+
+
+def test_jointly_documented_parameters_are_split(docstrings):
+    text = "Summary.\n\nArgs:\n  x: input.\n  stride, dilation: one int\n    per dim.\n\nReturns:\n  a, b: kept."
+    assert docstrings.split_joint_parameters(text) == (
+        "Summary.\n\nArgs:\n  x: input.\n  stride: one int\n    per dim.\n  dilation: one int\n    per dim.\n\n"
+        "Returns:\n  a, b: kept."
+    )
+
+
+def test_sphinx_roles_become_cross_references(docstrings):
+    import griffe
+
+    extensions = griffe.load_extensions(docstrings.SphinxRoles)
+    package = griffe.load("convlib", search_paths=[str(DOCS.parent)], extensions=extensions)
+    texts = []
+
+    def collect(obj):
+        if obj.docstring is not None:
+            texts.append(obj.docstring.value)
+        for member in obj.members.values():
+            if not member.is_alias:
+                collect(member)
+
+    collect(package)
+    everything = "\n".join(texts)
+    assert not docstrings.ROLE.search(everything)
+    assert "[`convlib.ops.conv`][convlib.ops.conv.conv]" in everything  # the function, not its module
+    assert "[`Geometry`][convlib.ops.Geometry]" in everything  # a short name, resolved in its module's scope

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conv_configs import conv_configs, random_arrays
-from hypothesis import assume, given, settings
+from conv_configs import chunked_conv_configs, conv_configs, random_arrays
+from hypothesis import assume, find, given, settings
 from hypothesis import strategies as st
 
 from convlib import ops
@@ -66,7 +66,7 @@ def blockable_configs(draw):
 @pytest.mark.usefixtures("x64_class")
 class TestExact:
     @settings(max_examples=30)
-    @given(conv_configs(), st.integers(0, 2**16))
+    @given(st.one_of(conv_configs(), chunked_conv_configs()), st.integers(0, 2**16))
     def test_custom_matches_textbook_and_autodiff(self, config, seed):
         x_shape, w_shape, has_bias, kwargs = config
         x, w, b = random_arrays(seed, x_shape, w_shape, has_bias, kwargs["layout"])
@@ -81,6 +81,16 @@ class TestExact:
                 continue
             np.testing.assert_allclose(c, t, rtol=RTOL, atol=ATOL)
             np.testing.assert_allclose(c, a, rtol=RTOL, atol=ATOL)
+
+    def test_the_sweep_reaches_the_chunked_weight_gradient(self):
+        """`chunked_conv_configs` draws convs whose CPU plan runs dE/dW in batch chunks (the one training uses)."""
+
+        def chunked(config):
+            x_shape, w_shape, _, kwargs = config
+            geometry = conv_geometry(np.zeros(x_shape), np.zeros(w_shape), **kwargs)
+            return "chunks of" in str(plan.plan(geometry, x_shape, w_shape, "cpu"))
+
+        find(chunked_conv_configs(), chunked, settings=settings(max_examples=20, database=None))
 
     @settings(max_examples=15)
     @given(conv_configs(), st.integers(0, 2**16))
@@ -103,8 +113,8 @@ class TestExact:
         x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
         assume(g.size > 0)
         in_spatial = geometry.spatial_shape(x.shape)
-        expected = input_gradient(g, w, geometry, in_spatial)
-        dx = jax.jit(fast_backward.input_gradient_by_phases, static_argnums=(2, 3))(g, w, geometry, in_spatial)
+        expected = input_gradient(geometry, g, w, in_spatial)
+        dx = jax.jit(fast_backward.input_gradient_by_phases, static_argnums=(0, 3))(geometry, g, w, in_spatial)
         np.testing.assert_allclose(dx, expected, rtol=RTOL, atol=ATOL)
 
     @settings(max_examples=20)
@@ -116,10 +126,10 @@ class TestExact:
         assume(kwargs["groups"] == 1)
         x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
         in_spatial = geometry.spatial_shape(x.shape)
-        dx = jax.jit(fast_backward.input_gradient_with_padded_channels, static_argnums=(2, 3, 4))(
-            g, w, geometry, in_spatial, multiple
-        )
-        np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
+        dx = jax.jit(
+            fast_backward.input_gradient_with_padded_channels, static_argnums=(0, 3), static_argnames="multiple"
+        )(geometry, g, w, in_spatial, multiple=multiple)
+        np.testing.assert_allclose(dx, input_gradient(geometry, g, w, in_spatial), rtol=RTOL, atol=ATOL)
 
     @settings(max_examples=30)
     @given(conv_configs(), st.integers(0, 2**16))
@@ -131,8 +141,8 @@ class TestExact:
         x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
         assume(g.size > 0)
         in_spatial = geometry.spatial_shape(x.shape)
-        dx = jax.jit(fast_backward.input_gradient_by_folded_columns, static_argnums=(2, 3))(g, w, geometry, in_spatial)
-        np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
+        dx = jax.jit(fast_backward.input_gradient_by_folded_columns, static_argnums=(0, 3))(geometry, g, w, in_spatial)
+        np.testing.assert_allclose(dx, input_gradient(geometry, g, w, in_spatial), rtol=RTOL, atol=ATOL)
 
     @settings(max_examples=20)
     @given(conv_configs(), st.integers(1, 2), st.integers(0, 2**16))
@@ -142,10 +152,10 @@ class TestExact:
         x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
         assume(g.size > 0)
         in_spatial = geometry.spatial_shape(x.shape)
-        dx = jax.jit(fast_backward.depthwise_input_gradient, static_argnums=(2, 3))(g, w, geometry, in_spatial)
-        dw = jax.jit(fast_backward.depthwise_weight_gradient, static_argnums=(2, 3))(x, g, geometry, w.shape)
-        np.testing.assert_allclose(dx, input_gradient(g, w, geometry, in_spatial), rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(dw, weight_gradient(x, g, geometry, w.shape), rtol=RTOL, atol=ATOL)
+        dx = jax.jit(fast_backward.depthwise_input_gradient, static_argnums=(0, 3))(geometry, g, w, in_spatial)
+        dw = jax.jit(fast_backward.depthwise_weight_gradient, static_argnums=(0, 3))(geometry, x, g, w.shape)
+        np.testing.assert_allclose(dx, input_gradient(geometry, g, w, in_spatial), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(dw, weight_gradient(geometry, x, g, w.shape), rtol=RTOL, atol=ATOL)
 
     @settings(max_examples=15)
     @given(conv_configs(), st.integers(0, 2**16), st.integers(1, 3))
@@ -154,8 +164,8 @@ class TestExact:
         x, w, g, geometry = prepared(x_shape, w_shape, kwargs, seed)
         assume(g.size > 0)
         np.testing.assert_allclose(
-            fast_backward.weight_gradient_by_chunks(x, g, geometry, w.shape, chunk),
-            weight_gradient(x, g, geometry, w.shape),
+            fast_backward.weight_gradient_by_chunks(geometry, x, g, w.shape, chunk=chunk),
+            weight_gradient(geometry, x, g, w.shape),
             rtol=RTOL,
             atol=ATOL,
         )
@@ -170,10 +180,10 @@ class TestExact:
         geometry = conv_geometry(x, w, padding=padding)
         g = np.random.default_rng(seed + 1).standard_normal(ops.conv(x, w, padding=padding).shape)
         assume(g.size > 0)
-        dw = jax.jit(fast_backward.weight_gradient_by_space_to_depth, static_argnums=(2, 3, 4, 5))(
-            x, g, geometry, w.shape, block, chunk
-        )
-        np.testing.assert_allclose(dw, weight_gradient(x, g, geometry, w.shape), rtol=RTOL, atol=ATOL)
+        dw = jax.jit(
+            fast_backward.weight_gradient_by_space_to_depth, static_argnums=(0, 3), static_argnames=("block", "chunk")
+        )(geometry, x, g, w.shape, block=block, chunk=chunk)
+        np.testing.assert_allclose(dw, weight_gradient(geometry, x, g, w.shape), rtol=RTOL, atol=ATOL)
 
     @pytest.mark.parametrize(
         "layout, shape, expected",
@@ -266,8 +276,10 @@ class TestExact:
         geometry = conv_geometry(x, w, b, padding=padding)
         x, w = jnp.asarray(x), jnp.asarray(w)
         b = None if b is None else jnp.asarray(b)
-        y = jax.jit(fast_forward.forward_by_space_to_depth, static_argnums=(3, 4))(x, w, b, geometry, block)
-        np.testing.assert_allclose(y, textbook.forward(x, w, b, geometry), rtol=RTOL, atol=ATOL)
+        y = jax.jit(fast_forward.forward_by_space_to_depth, static_argnums=0, static_argnames="block")(
+            geometry, x, w, b, block=block
+        )
+        np.testing.assert_allclose(y, textbook.forward(geometry, x, w, b), rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(y, ops.conv_loops(x, w, b, padding=padding), rtol=RTOL, atol=ATOL)
 
     @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from convlib import models
-    from convlib.train.model_parallel import shard_output_channels
+    from convlib.train import shard_output_channels
 
     assert jax.device_count() == 2
     model = models.create("alexnet_small", num_classes=10, in_channels=3, rngs=nnx.Rngs(0))

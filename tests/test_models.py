@@ -296,6 +296,14 @@ def test_backward_and_dtype_reach_every_layer():
     assert len(convs) == 55 and {m.backward for m in convs} == {"autodiff"}
 
 
+@pytest.mark.parametrize("backward", ops.BACKWARDS)
+def test_every_backward_mode_of_the_ops_passes_through_a_model(backward):
+    """Models and the layer factory hold no list of modes: whatever convlib.ops accepts reaches every layer."""
+    model = models.abstract_model("resnet20", backward=backward)
+    kinds = (nn.Conv, nn.MaxPool, nn.AvgPool, nn.GlobalAvgPool)
+    assert {m.backward for _, m in nnx.iter_graph(model) if isinstance(m, kinds)} == {backward}
+
+
 @pytest.mark.parametrize("name, options", [("resnet20", {}), ("lenet5", dict(head="rbf")), ("alexnet_small", {})])
 def test_mixed_precision_output(name, options):
     graphdef, state = nnx.split(models.abstract_model(name, dtype=jnp.bfloat16, **options))
@@ -424,3 +432,25 @@ def test_context_receptive_field_grows_as_in_table_1():
     assert measured == [3, 5, 9, 17, 33, 65, 67, 67]
     formula = ops.receptive_fields([layer.geometry((size, size)) for layer in model.layers])
     assert [f.size[0] for f in formula] == measured
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_an_nchw_resnet_computes_what_the_nhwc_one_does(shortcut):
+    """Every layer honours `layout`: convs, pools, BatchNorm and the option-A shortcut's strides and padding."""
+    options = dict(depth=8, widths=(4, 8, 16), shortcut=shortcut, rngs=rngs())
+    nhwc, nchw = models.CifarResNet(**options), models.CifarResNet(layout="NCHW", **options)
+    state = nnx.state(nhwc)
+    state = jax.tree.map(lambda a: jnp.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else a, state)
+    nnx.update(nchw, state)  # HWIO kernels to OIHW
+    nhwc.eval(), nchw.eval()
+    x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+    np.testing.assert_allclose(nchw(jnp.transpose(x, (0, 3, 1, 2))), nhwc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_presets_build_one_resnet_class_and_answer_isinstance():
+    cifar, imagenet = abstract("resnet20"), abstract("resnet18")
+    assert type(cifar) is type(imagenet) is models.ResNet
+    assert isinstance(cifar, models.CifarResNet) and not isinstance(cifar, models.ImageNetResNet)
+    assert isinstance(imagenet, models.ImageNetResNet) and not isinstance(imagenet, models.CifarResNet)
+    assert not isinstance(models.abstract_model("lenet5"), models.CifarResNet)
+    assert models.accepted_options("resnet20") == models.accepted_options("resnet50")

@@ -12,16 +12,6 @@ import numpy as np
 
 from convlib.ops.checks import check_int, check_key
 
-# Per-channel mean and std of the training split's pixels scaled to [0, 1].
-# Fashion-MNIST is checked against the data by tests/test_data.py; MNIST and CIFAR-10 are the usual values
-# (CIFAR-10's: over all 50k x 32 x 32 training pixels per channel, as channel_stats computes them).
-MEAN_STD = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-"""Per-channel `(mean, std)` of each dataset's training images, in [0, 1] units (for :func:`normalize`)."""
-
 
 def _check_nhwc(images) -> None:
     if jnp.ndim(images) != 4:

@@ -26,6 +26,7 @@ FOLDER = "cifar-10-batches-py"
 URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
 SPLIT_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 META = "batches.meta"
+NAMES = (META, *(n for files in SPLIT_FILES.values() for n in files))  # the folder's files
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
 ROW = 32 * 32 * 3
@@ -59,7 +60,7 @@ def find_source(source_dir: os.PathLike | str) -> Path:
       FileNotFoundError: naming where it looked and where to put the archive.
     """
     source_dir = Path(source_dir)
-    if source_dir.is_file():
+    if source_dir.is_file() or (source_dir.name == FOLDER and source_dir.is_dir()):
         return source_dir
     for candidate in (source_dir / ARCHIVE, source_dir / FOLDER):
         if candidate.exists():
@@ -71,6 +72,21 @@ def find_source(source_dir: os.PathLike | str) -> Path:
         f"Download {URL} (163 MB) and put it in {source_dir}, or pass source_dir=DIR (--source-dir DIR) "
         f"for a folder that holds it"
     )
+
+
+def source_files(source: os.PathLike | str) -> list[Path]:
+    """The files :func:`read_cifar10` reads from ``source`` (what :func:`find_source` returns): the archive, or the
+    batch files of the folder.
+
+    Raises:
+      FileNotFoundError: naming the folder and the batch files it lacks.
+    """
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if missing := sorted(n for n in NAMES if not (source / n).is_file()):
+        raise FileNotFoundError(f"CIFAR-10 folder {source} lacks {missing}")
+    return [source / n for n in NAMES]
 
 
 def _read_members(archive: Path, names: set[str]) -> dict[str, bytes]:
@@ -140,15 +156,12 @@ def read_cifar10(source_dir: os.PathLike | str) -> dict[str, tuple[np.ndarray, n
         shapes, dtypes or labels.
     """
     source = find_source(source_dir)
-    names = {META, *(n for files in SPLIT_FILES.values() for n in files)}
     if source.is_file():
-        raw = _read_members(source, names)
-        where = {n: f"{FOLDER}/{n} in {source}" for n in names}
+        raw = _read_members(source, set(NAMES))
+        where = {n: f"{FOLDER}/{n} in {source}" for n in NAMES}
     else:
-        if missing := sorted(n for n in names if not (source / n).is_file()):
-            raise FileNotFoundError(f"CIFAR-10 folder {source} lacks {missing}")
-        raw = {n: (source / n).read_bytes() for n in names}
-        where = {n: str(source / n) for n in names}
+        raw = {path.name: path.read_bytes() for path in source_files(source)}
+        where = {n: str(source / n) for n in NAMES}
     _check_meta(_unpickle(raw[META], where[META]), where[META])
     splits = {}
     for split, files in SPLIT_FILES.items():

@@ -49,6 +49,11 @@ def missing_idx_files(folder: os.PathLike | str) -> list[str]:
     return missing
 
 
+def idx_files(folder: os.PathLike | str) -> list[Path]:
+    """The four standard IDX files in ``folder`` (see :func:`find_idx_file`), train then test, images first."""
+    return [find_idx_file(folder, stem) for stems in SPLIT_FILES.values() for stem in stems]
+
+
 def _read_bytes(path: Path) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -123,3 +128,27 @@ def read_idx_split(folder: os.PathLike | str, split: str, num_classes: int = 10)
     if labels.size and labels.max() >= num_classes:
         raise ValueError(f"IDX file {labels_path} has label {int(labels.max())}, expected labels in [0, {num_classes})")
     return images, labels
+
+
+def read_idx_dataset(
+    folder: os.PathLike | str, image_shape: tuple[int, int, int], num_classes: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Reads and checks both splits of the four standard files in ``folder``.
+
+    Returns:
+      ``{"train": (images, labels), "test": (images, labels)}``: images uint8 (N, H, W, 1), labels uint8 (N,).
+
+    Raises:
+      ValueError, FileNotFoundError: as :func:`read_idx_split`, or naming the file whose images are not
+        ``image_shape[:2]``.
+    """
+    splits = {}
+    for split, (images_stem, _) in SPLIT_FILES.items():
+        images, labels = read_idx_split(folder, split, num_classes)
+        if images.shape[1:] != tuple(image_shape[:2]):
+            raise ValueError(
+                f"IDX file {find_idx_file(folder, images_stem)} has images of shape {images.shape[1:]}, "
+                f"expected {tuple(image_shape[:2])}"
+            )
+        splits[split] = (images[..., None], labels)
+    return splits

@@ -2,9 +2,10 @@
 
 ``ensure_idx_files`` tries, in order: the folder the caller names; the Debian package's
 folder (Fashion-MNIST: ``dataset-fashion-mnist`` in ``/usr/share/datasets/fashion-mnist``);
-an earlier download; installing the Debian package with apt; downloading through TFDS's
-``DownloadManager`` from the standard URLs. Otherwise it stops with a message saying what
-to do.
+an earlier download; installing the Debian package, only when the caller opts in with
+``apt_install=apt_get_install``; downloading through TFDS's ``DownloadManager`` from the
+standard URLs. Otherwise it stops with one line naming the command that installs the
+dataset and where to put its files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from convlib.data import idx
+from convlib.data.registry import SPECS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +35,9 @@ class IdxSource:
 
 
 IDX_SOURCES = {
-    "fashion_mnist": IdxSource(
-        url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        debian_package="dataset-fashion-mnist",
-        debian_dir=Path("/usr/share/datasets/fashion-mnist"),
-    ),
-    "mnist": IdxSource(url="https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    s.name: IdxSource(url=s.url, debian_package=s.debian_package, debian_dir=s.debian_dir)
+    for s in SPECS.values()
+    if s.format == "idx"
 }
 """Where :func:`ensure_idx_files` looks for each dataset's IDX files besides `source_dir`."""
 
@@ -85,7 +84,7 @@ def ensure_idx_files(
     name: str = "fashion_mnist",
     source_dir: os.PathLike | str | None = None,
     *,
-    apt_install: Callable[[str], bool] | None = apt_get_install,
+    apt_install: Callable[[str], bool] | None = None,
     download_dir: os.PathLike | str | None = None,
     url: str | None = None,
 ) -> Path:
@@ -94,7 +93,8 @@ def ensure_idx_files(
     Args:
       name: a key of ``IDX_SOURCES`` (``"fashion_mnist"``, ``"mnist"``).
       source_dir: use this folder and nothing else.
-      apt_install: installs a Debian package, returns success (``None``: never run apt).
+      apt_install: opt-in: installs a Debian package and returns success, e.g. ``apt_get_install``
+        (``None``, the default: never install anything).
       download_dir: where TFDS's download manager stores files (``None``: no download).
         Files already downloaded there are reused.
       url: base URL of the four ``.gz`` files (default: the dataset's standard URL).
@@ -123,10 +123,7 @@ def ensure_idx_files(
         if apt_install is not None and apt_install(source.debian_package):
             if not idx.missing_idx_files(source.debian_dir):
                 return source.debian_dir
-        tried.append(
-            f"apt-get install {source.debian_package} (apt "
-            f"{'disabled' if apt_install is None else 'unusable or failed'})"
-        )
+        tried.append(f"apt_install ({'not given' if apt_install is None else 'unusable or failed'})")
 
     url = url or source.url
     if downloaded is not None and _reachable(url):
@@ -134,10 +131,10 @@ def ensure_idx_files(
         return downloaded
     tried.append(f"download from {url} ({'disabled' if downloaded is None else 'unreachable'})")
 
-    install = f"apt-get install {source.debian_package}, or " if source.debian_package else ""
+    install = f"install them with `apt-get install {source.debian_package}`, or " if source.debian_package else ""
     raise FileNotFoundError(
-        f"No IDX files for {name!r}: looked in {[str(c) for c in candidates]}, tried "
-        f"{'; '.join(tried)}. To fix: {install}put the four files "
+        f"No IDX files for {name!r}: looked in {[str(c) for c in candidates]}, tried {'; '.join(tried)}. "
+        f"To fix: {install}put the four files "
         f"{[f'{stem}.gz' for pair in idx.SPLIT_FILES.values() for stem in pair]} in a folder DIR "
-        f"and pass source_dir=DIR."
+        f"and pass source_dir=DIR (--source-dir DIR)."
     )

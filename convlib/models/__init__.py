@@ -2,7 +2,8 @@
 
 Names (`available()`): lenet5, lenet5_modern, alexnet, alexnet_small,
 `vgg{11,13,16,19}[_bn][_small]`, resnet{20,32,44,56,110}, plain{20,32,44,56,110},
-resnet{18,34,50,101,152}, context_basic, context_large.
+resnet{18,34,50,101,152}, context_basic, context_large. PyTorch weights load with
+`load_torch_state_dict(model, state_dict)`.
 """
 
 from convlib.models.alexnet import AlexNet
@@ -12,6 +13,7 @@ from convlib.models.layer_factory import LayerFactory
 from convlib.models.lenet import C3_TABLE, LeNet5, LeNet5Modern
 from convlib.models.registry import accepted_options, available, create
 from convlib.models.resnet import CifarResNet, ImageNetResNet, ResNet
+from convlib.models.torch_weights import load_torch_state_dict, torch_shapes
 from convlib.models.vgg import VGG
 
 __all__ = [
@@ -31,5 +33,7 @@ __all__ = [
     "create",
     "flops",
     "identity_init",
+    "load_torch_state_dict",
     "param_count",
+    "torch_shapes",
 ]

@@ -14,7 +14,7 @@ from flax import nnx
 
 from convlib import nn
 from convlib.models.classifier import Classifier, check_dropout
-from convlib.models.input_size import check_input, check_input_size
+from convlib.models.input_size import check_image_shape, check_input
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_positive_int
 
@@ -49,7 +49,7 @@ class AlexNet(nnx.Module):
         param_dtype=jnp.float32,
     ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
-        self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        self.input_size, self.in_channels = check_image_shape(input_size, in_channels)
         num_classes, dropout = check_positive_int("num_classes", num_classes), check_dropout(dropout)
         c1, c2, c3, c4, c5 = (check_positive_int("channels", c) for c in channels)
         kernel, stride, padding = conv1

@@ -9,6 +9,11 @@ def check_input_size(input_size) -> int:
     return check_positive_int("input_size", input_size)
 
 
+def check_image_shape(input_size, in_channels) -> tuple[int, int]:
+    """(input_size, in_channels) of a model built for square images, each checked."""
+    return check_input_size(input_size), check_positive_int("in_channels", in_channels)
+
+
 def check_input(x, input_size: int, in_channels: int, model: str) -> None:
     """Raises ValueError unless x is (N, input_size, input_size, in_channels)."""
     expected = (input_size, input_size, in_channels)

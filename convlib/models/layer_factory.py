@@ -8,8 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from convlib import nn
-from convlib.nn.validation import check_backward, check_floating_dtype, check_rngs
+from convlib import nn, ops
 
 BATCH_NORM_MOMENTUM = 0.9  # running average decay; PyTorch's momentum=0.1
 BATCH_NORM_EPSILON = 1e-5
@@ -19,27 +18,24 @@ BATCH_NORM_EPSILON = 1e-5
 class LayerFactory:
     """Creates layers that share the settings of one model.
 
-    `backward` reaches every conv and pool built here; `dtype` (compute) and
-    `param_dtype` (storage) reach every layer with parameters; parameters and
-    dropout keys come from `rngs` (streams `params` and `dropout`, else `default`).
+    `backward` and `layout` reach every conv and pool built here (and `layout` every
+    BatchNorm); `dtype` (compute) and `param_dtype` (storage) reach every layer with
+    parameters; parameters and dropout keys come from `rngs` (streams `params` and
+    `dropout`, else `default`). The factory stores the values; the layers check them.
     """
 
     rngs: nnx.Rngs
     backward: str = "custom"
     dtype: Any = None
     param_dtype: Any = jnp.float32
-
-    def __post_init__(self):
-        check_rngs(self.rngs)
-        check_backward(self.backward)
-        object.__setattr__(self, "dtype", check_floating_dtype("dtype", self.dtype, allow_none=True))
-        object.__setattr__(self, "param_dtype", check_floating_dtype("param_dtype", self.param_dtype))
+    layout: str = "NHWC"
 
     def conv(self, in_features, out_features, kernel_size, **kwargs) -> nn.Conv:
         return nn.Conv(
             in_features,
             out_features,
             kernel_size,
+            layout=self.layout,
             backward=self.backward,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -54,9 +50,10 @@ class LayerFactory:
         )
 
     def batch_norm(self, features) -> nnx.BatchNorm:
-        """BatchNorm over the last axis; its running statistics are kept in `param_dtype`."""
+        """BatchNorm over the channel axis of an image batch; its running statistics are kept in `param_dtype`."""
         norm = nnx.BatchNorm(
             features,
+            axis=ops.layout_axes(self.layout, 2).channel,
             momentum=BATCH_NORM_MOMENTUM,
             epsilon=BATCH_NORM_EPSILON,
             dtype=self.dtype,
@@ -72,10 +69,10 @@ class LayerFactory:
         return nnx.Dropout(rate, rngs=self.rngs)
 
     def max_pool(self, window, stride=None, padding=0, **kwargs) -> nn.MaxPool:
-        return nn.MaxPool(window, stride, padding, backward=self.backward, **kwargs)
+        return nn.MaxPool(window, stride, padding, layout=self.layout, backward=self.backward, **kwargs)
 
     def avg_pool(self, window, stride=None, padding=0, **kwargs) -> nn.AvgPool:
-        return nn.AvgPool(window, stride, padding, backward=self.backward, **kwargs)
+        return nn.AvgPool(window, stride, padding, layout=self.layout, backward=self.backward, **kwargs)
 
     def global_avg_pool(self) -> nn.GlobalAvgPool:
-        return nn.GlobalAvgPool(backward=self.backward)
+        return nn.GlobalAvgPool(layout=self.layout, backward=self.backward)

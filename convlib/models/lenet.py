@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from convlib import nn
-from convlib.models.input_size import check_input, check_input_size
+from convlib.models.input_size import check_image_shape, check_input, check_input_size
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_choice, check_positive_int
 
@@ -161,7 +161,7 @@ class LeNet5(nnx.Module):
         param_dtype=jnp.float32,
     ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
-        self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        self.input_size, self.in_channels = check_image_shape(input_size, in_channels)
         num_classes = check_positive_int("num_classes", num_classes)
         check_choice("head", head, ("softmax", "rbf"))
         self.c1 = layers.conv(in_channels, 6, 5, padding=c1_padding(input_size), kernel_init=uniform_fan_in)
@@ -212,7 +212,7 @@ class LeNet5Modern(nnx.Module):
         param_dtype=jnp.float32,
     ):
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
-        self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        self.input_size, self.in_channels = check_image_shape(input_size, in_channels)
         num_classes = check_positive_int("num_classes", num_classes)
         self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("pool", pool, ("max", "avg"))

@@ -64,7 +64,7 @@ COMMON_OPTIONS = frozenset({"num_classes", "in_channels", "rngs", "backward", "d
 
 
 def _keywords(builder) -> set[str]:
-    """The keyword parameters of a model class (or a partial of one)."""
+    """The keyword parameters of a model class or a preset (or a partial of one)."""
     function = builder.func if isinstance(builder, functools.partial) else builder
     if inspect.isclass(function):  # NNX modules hide their __init__ signature behind a metaclass
         function = function.__init__
@@ -95,7 +95,7 @@ def create(
       num_classes: outputs (for the context modules, C: the maps in and out).
       in_channels: input channels; None: 3 (for the context modules, num_classes).
       rngs: `nnx.Rngs(params=..., dropout=...)` (or one seed for both).
-      backward: "custom", "textbook" or "autodiff", for every conv and pool.
+      backward: a mode of `convlib.ops.BACKWARDS` (e.g. "custom", "autodiff"), for every conv and pool.
       dtype, param_dtype: compute and parameter dtypes of every layer.
       **options: the model's own keyword arguments (e.g. `input_size`, `head`,
         `activation`, `config`, `widths`, `shortcut`); see its class.

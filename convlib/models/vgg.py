@@ -8,7 +8,7 @@ from flax import nnx
 
 from convlib import nn
 from convlib.models.classifier import Classifier, check_dropout
-from convlib.models.input_size import check_input, check_input_size
+from convlib.models.input_size import check_image_shape, check_input
 from convlib.models.layer_factory import LayerFactory
 from convlib.nn.validation import check_choice, check_positive_int
 
@@ -89,7 +89,7 @@ class VGG(nnx.Module):
         if DEPTHS[config] != depth:
             raise ValueError(f"config {config!r} has depth {DEPTHS[config]}, not depth={depth}")
         layers = LayerFactory(rngs, backward, dtype, param_dtype)
-        self.input_size, self.in_channels = check_input_size(input_size), check_positive_int("in_channels", in_channels)
+        self.input_size, self.in_channels = check_image_shape(input_size, in_channels)
         num_classes, dropout = check_positive_int("num_classes", num_classes), check_dropout(dropout)
         if len(widths) != len(WIDTHS):
             raise ValueError(f"widths must hold {len(WIDTHS)} ints, got {widths!r}")

@@ -1,6 +1,6 @@
 """Flax NNX layers: thin wrappers over :mod:`convlib.ops`.
 
-Every conv and pool layer takes `backward` ("custom", "textbook", "autodiff" or "composable")
+Every conv and pool layer takes `backward` (any mode of `convlib.ops.BACKWARDS`)
 and passes it to the op; :func:`set_backward` switches a whole built model.
 """
 

@@ -15,11 +15,10 @@ from convlib.nn.validation import (
     check_backward,
     check_bool,
     check_floating_dtype,
-    check_layout,
-    check_padding_string,
     check_positive_int,
     check_rngs,
-    spatial_ndim,
+    layer_geometry,
+    layer_ndim,
 )
 from convlib.ops.geometry import promote
 
@@ -83,26 +82,20 @@ class Conv(nnx.Module):
     ):
         in_features = check_positive_int("in_features", in_features)
         out_features = check_positive_int("out_features", out_features)
-        groups = check_positive_int("groups", groups)
-        if in_features % groups or out_features % groups:
-            raise ValueError(
-                f"groups={groups} must divide in_features ({in_features}) and out_features ({out_features})"
-            )
-        self.layout = check_layout(layout)
-        self.backward = check_backward(backward)
-        self.ndim = spatial_ndim("kernel_size", kernel_size, ndim)
-        check_padding_string(padding)
-        geometry = ops.make_geometry(
+        self.ndim = layer_ndim("kernel_size", kernel_size, ndim)
+        geometry = layer_geometry(
             self.ndim,
             kernel_size,
             stride=stride,
-            padding=0 if isinstance(padding, str) else padding,
+            padding=padding,
             dilation=dilation,
             groups=groups,
-            layout=self.layout,
+            layout=layout,
             padding_mode=padding_mode,
+            channels=(in_features, out_features),
         )
-        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.layout, self.backward = geometry.layout, check_backward(backward)
+        self.in_features, self.out_features, self.groups = in_features, out_features, geometry.groups
         self.kernel_size, self.stride, self.dilation = geometry.kernel, geometry.stride, geometry.dilation
         self.padding = padding.upper() if isinstance(padding, str) else geometry.padding
         self.padding_mode = padding_mode
@@ -111,7 +104,7 @@ class Conv(nnx.Module):
         self.output_sharding = check_axis_name("output_sharding", output_sharding)
         use_bias, rngs = check_bool("use_bias", use_bias), check_rngs(rngs)
 
-        shape = geometry.axes.kernel_shape(self.kernel_size, in_features // groups, out_features)
+        shape = geometry.axes.kernel_shape(self.kernel_size, in_features // self.groups, out_features)
         init = he_normal(self.layout, self.ndim) if kernel_init is None else kernel_init
         self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None

@@ -8,7 +8,7 @@ from flax import nnx
 
 from convlib import ops
 from convlib.nn.reshape import flatten
-from convlib.nn.validation import check_backward, check_bool, check_layout, check_padding_string, spatial_ndim
+from convlib.nn.validation import check_backward, check_bool, check_layout, layer_geometry, layer_ndim
 from convlib.ops.pool import check_pool_padding
 
 
@@ -16,17 +16,11 @@ class _Pool(nnx.Module):
     """Window, stride and padding shared by the pools; subclasses name the op and its extra arguments."""
 
     def __init__(self, window, stride, padding, *, ndim, ceil_mode, layout, backward):
-        self.layout = check_layout(layout)
-        self.backward = check_backward(backward)
-        self.ndim = spatial_ndim("window", window, ndim)
-        check_padding_string(padding)
-        geometry = ops.make_geometry(
-            self.ndim,
-            window,
-            stride=window if stride is None else stride,
-            padding=0 if isinstance(padding, str) else padding,
-            layout=self.layout,
+        self.ndim = layer_ndim("window", window, ndim)
+        geometry = layer_geometry(
+            self.ndim, window, stride=window if stride is None else stride, padding=padding, layout=layout
         )
+        self.layout, self.backward = geometry.layout, check_backward(backward)
         if not isinstance(padding, str):
             check_pool_padding(geometry, padding)
         self.window, self.stride = geometry.kernel, geometry.stride

@@ -1,4 +1,8 @@
-"""Constructor-argument checks shared by the layers; errors name the parameter and the value."""
+"""What the layers check when they are built; errors name the parameter and the value.
+
+The ops arguments (stride, padding, dilation, groups, layout, padding_mode, backward) are checked by the ops
+boundary's own functions, called once here so that a bad layer fails when it is built, not at its first call.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Sequence
 
 from flax import nnx
 
+from convlib import ops
 from convlib.ops.checks import ArgumentTypeError, check_bool, check_choice, check_float, check_floating_dtype, check_int
 from convlib.ops.geometry import check_backward, check_layout
 
@@ -18,10 +23,10 @@ __all__ = [
     "check_float",
     "check_floating_dtype",
     "check_layout",
-    "check_padding_string",
     "check_positive_int",
     "check_rngs",
-    "spatial_ndim",
+    "layer_geometry",
+    "layer_ndim",
 ]
 
 
@@ -44,10 +49,10 @@ def check_axis_name(name: str, value) -> str | None:
     return value
 
 
-def spatial_ndim(name: str, size, ndim) -> int:
-    """Spatial dims of a layer: the length of `size` if it is a tuple, else `ndim` (default 2).
+def layer_ndim(name: str, size, ndim) -> int:
+    """Spatial dims of a layer whose kernel or window is `size`: its length if it is a tuple, else `ndim` (default 2).
 
-    Checks that `size` is a positive int or a sequence of 1, 2 or 3 positive ints.
+    Checks that `size` is a positive int or a sequence of 1, 2 or 3 positive ints, naming the layer's parameter.
     """
     if ndim is not None and ndim not in (1, 2, 3):
         raise ValueError(f"ndim must be 1, 2 or 3, got {ndim!r}")
@@ -63,6 +68,10 @@ def spatial_ndim(name: str, size, ndim) -> int:
     return len(size)
 
 
-def check_padding_string(padding) -> None:
-    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
-        raise ValueError(f"padding must be an int, a sequence, 'SAME' or 'VALID'; got {padding!r}")
+def layer_geometry(ndim: int, size, *, padding, **arguments) -> ops.Geometry:
+    """:func:`convlib.ops.make_geometry` of a layer's arguments, run once when the layer is built.
+
+    "SAME" padding depends on the input size, so it is resolved at each call; here it stands in as "VALID".
+    """
+    same = isinstance(padding, str) and padding.upper() == "SAME"
+    return ops.make_geometry(ndim, size, padding="VALID" if same else padding, **arguments)

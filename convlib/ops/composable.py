@@ -15,7 +15,8 @@ two binds of itself, and its transposes are the other two: backprop through a co
 order. The conv lowers to one plain `lax.conv_general_dilated`; dX and dW lower to the textbook formulas
 (:mod:`convlib.ops.textbook`), on a CPU to the formulations the plan measured fastest (:mod:`convlib.ops.plan`),
 shared with the `custom_vjp` path. In a jaxpr the three appear as themselves (`convlib_conv`, ...); the `custom` and
-`autodiff` forwards show `conv_general_dilated`.
+`autodiff` forwards show `conv_general_dilated`. The conv's primal is the one every mode runs outside
+differentiation (:func:`convlib.ops.textbook.single_conv`).
 
 Pools are linear maps of the tangent: average pooling is linear, and max pooling's JVP takes each window's tangent
 at its first maximum (the switches). :func:`linear_pair` builds two linear primitives, each the other's transpose,
@@ -63,8 +64,8 @@ def forward_mode_hint(backward: str) -> Iterator[None]:
 
 
 def _conv(x, w, *, geometry: Geometry):
-    """Y = X (*) W, one plain `lax.conv_general_dilated` (no bias: it is added outside, by JAX)."""
-    return textbook.forward(x, w, None, geometry, lax.conv_general_dilated)
+    """Y = X (*) W, one `conv_general_dilated` as the primal of every mode (no bias: it is added outside, by JAX)."""
+    return textbook.forward(geometry, x, w, None, conv=textbook.single_conv)
 
 
 def _input_shape(g, w, geometry: Geometry, in_spatial) -> tuple[int, ...]:
@@ -72,18 +73,18 @@ def _input_shape(g, w, geometry: Geometry, in_spatial) -> tuple[int, ...]:
     return axes.array_shape(g.shape[axes.batch], w.shape[axes.kernel_in] * geometry.groups, in_spatial)
 
 
-def _input_gradient(g, w, *, geometry: Geometry, in_spatial, formulation=textbook.input_gradient):
+def _input_gradient(g, w, *, geometry: Geometry, in_spatial, formulation=plan.DX_TEXTBOOK):
     """dE/dX of a conv of input spatial shape `in_spatial` (zeros when nothing flows back)."""
     if g.size == 0:
         return jnp.zeros(_input_shape(g, w, geometry, in_spatial), jnp.result_type(g, w))
-    return formulation(g, w, geometry, in_spatial)
+    return formulation(geometry, g, w, in_spatial)
 
 
-def _weight_gradient(x, g, *, geometry: Geometry, kernel_shape, formulation=textbook.weight_gradient):
+def _weight_gradient(x, g, *, geometry: Geometry, kernel_shape, formulation=plan.DW_TEXTBOOK):
     """dE/dW of a conv of kernel shape `kernel_shape` (zeros when nothing flows back)."""
     if x.size == 0 or g.size == 0:
         return jnp.zeros(kernel_shape, jnp.result_type(x, g))
-    return formulation(x, g, geometry, kernel_shape)
+    return formulation(geometry, x, g, kernel_shape)
 
 
 def _cpu_formulas(geometry: Geometry, x_shape, w_shape, g_shape) -> plan.Formulas:
@@ -97,16 +98,12 @@ def _cpu_formulas(geometry: Geometry, x_shape, w_shape, g_shape) -> plan.Formula
 
 def _cpu_input_gradient(g, w, *, geometry: Geometry, in_spatial):
     formulas = _cpu_formulas(geometry, _input_shape(g, w, geometry, in_spatial), w.shape, g.shape)
-    with jax.named_scope(f"convlib.conv.dX.{formulas.input_gradient.name}"):
-        return _input_gradient(g, w, geometry=geometry, in_spatial=in_spatial, formulation=formulas.input_gradient.fn)
+    return _input_gradient(g, w, geometry=geometry, in_spatial=in_spatial, formulation=formulas.input_gradient)
 
 
 def _cpu_weight_gradient(x, g, *, geometry: Geometry, kernel_shape):
     formulas = _cpu_formulas(geometry, x.shape, kernel_shape, g.shape)
-    with jax.named_scope(f"convlib.conv.dW.{formulas.weight_gradient.name}"):
-        return _weight_gradient(
-            x, g, geometry=geometry, kernel_shape=kernel_shape, formulation=formulas.weight_gradient.fn
-        )
+    return _weight_gradient(x, g, geometry=geometry, kernel_shape=kernel_shape, formulation=formulas.weight_gradient)
 
 
 # --------------------------------------------------------------------------- primitives
@@ -218,13 +215,16 @@ batching.primitive_batchers[input_gradient_p] = _fold_into_batch(input_gradient_
 batching.primitive_batchers[weight_gradient_p] = functools.partial(_map_slices, weight_gradient_p)
 
 
-def conv(x, w, geometry: Geometry):
-    """`X (*) W` as the `convlib_conv` primitive (x, w: promoted, explicitly padded; see :func:`convlib.ops.conv`)."""
-    return _bind(conv_p, x, w, geometry=geometry)
+def forward(geometry: Geometry, x, w, b):
+    """`X (*) W + b` by the `convlib_conv` primitive (x, w, b: promoted, x explicitly padded; see
+    :func:`convlib.ops.conv`): a :class:`~convlib.ops.formulation.ForwardFormula`."""
+    y = _bind(conv_p, x, w, geometry=geometry)
+    return y if b is None else y + b.reshape(geometry.axes.bias_shape(b.shape[0]))
 
 
-def input_gradient(g, w, geometry: Geometry, in_spatial):
-    """dE/dX as the `convlib_conv_input_gradient` primitive: :func:`convlib.ops.conv_transpose`'s composable form."""
+def input_gradient(geometry: Geometry, g, w, in_spatial):
+    """dE/dX by the `convlib_conv_input_gradient` primitive, :func:`convlib.ops.conv_transpose`'s composable form: an
+    :class:`~convlib.ops.formulation.InputGradientFormula`."""
     return _bind(input_gradient_p, g, w, geometry=geometry, in_spatial=tuple(in_spatial))
 
 

@@ -6,6 +6,10 @@ gradients, through one table each for the forward and the backward: "textbook" (
 "custom" (the same sums in the order :mod:`convlib.ops.plan` measured fastest on this platform), "autodiff"
 (the textbook forward with JAX's own transpose rules, no `custom_vjp`), or "composable" (the formulas as the
 transpose rules of convlib primitives, :mod:`convlib.ops.composable`: forward mode and every other transformation).
+
+The primal is one plain conv in every mode: outside differentiation, and in every jaxpr of a forward pass, a conv is a
+single `lax.conv_general_dilated` (plus bias; :data:`PRIMAL`), so that tools reading jaxprs see a convolution. The
+faster forwards run only under differentiation, in the `custom_vjp`'s `fwd` (:data:`FORWARDS`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from convlib.ops import composable, plan, textbook
-from convlib.ops.checks import check_int
+from convlib.ops.formulation import Formulation
 from convlib.ops.geometry import (
     Geometry,
     Padding,
@@ -35,19 +39,27 @@ from convlib.ops.geometry import (
 from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.windows import pad_input
 
-FORWARDS = {"textbook": textbook.forward, "custom": plan.planned_forward}
-"""`(x, w, b, geometry) -> Y` of each hand-derived mode."""
-GRADIENTS = {"textbook": textbook.gradients, "custom": plan.planned_gradients}
+FORWARDS = {"textbook": plan.FORWARD_TEXTBOOK, "custom": plan.planned_forward}
+"""`(geometry, x, w, b) -> Y` of each hand-derived mode under differentiation (the `custom_vjp`'s `fwd`)."""
+GRADIENTS = {"textbook": plan.TEXTBOOK, "custom": plan.planned_gradients}
 """`(geometry, x, w, g) -> (dE/dX, dE/dW)` of each hand-derived backward."""
+PRIMAL = Formulation(
+    "primal", functools.partial(textbook.forward, conv=textbook.single_conv), plan.FORWARD_TEXTBOOK.scope
+)
+"""Y outside differentiation, in every mode: one `conv_general_dilated` (+ bias), what a jaxpr of the forward shows."""
+AUTODIFF = Formulation(
+    "autodiff", functools.partial(textbook.forward, conv=lax.conv_general_dilated), plan.FORWARD_TEXTBOOK.scope
+)
+"""Y of `backward="autodiff"`: the plain conv, differentiated by JAX's own transpose rules."""
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv(x, w, b, geometry: Geometry, backward: str):
-    return FORWARDS[backward](x, w, b, geometry)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _conv(geometry: Geometry, x, w, b, backward: str):
+    return PRIMAL(geometry, x, w, b)
 
 
-def _conv_fwd(x, w, b, geometry, backward):
-    return FORWARDS[backward](x, w, b, geometry), (x, w, b)
+def _conv_fwd(geometry, x, w, b, backward):
+    return FORWARDS[backward](geometry, x, w, b), (x, w, b)
 
 
 def _conv_bwd(geometry, backward, residuals, g):
@@ -120,12 +132,11 @@ def conv(
     x, w, b = promote(x, w, b)
     x, geometry = pad_input(x, geometry)
     if backward == "autodiff":
-        return textbook.forward(x, w, b, geometry, lax.conv_general_dilated)
+        return AUTODIFF(geometry, x, w, b)
     if backward == "composable":
-        y = composable.conv(x, w, geometry)
-        return y if b is None else y + b.reshape(geometry.axes.bias_shape(b.shape[0]))
+        return composable.forward(geometry, x, w, b)
     with composable.forward_mode_hint(backward):
-        return _conv(x, w, b, geometry, backward)
+        return _conv(geometry, x, w, b, backward)
 
 
 def convolve(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:
@@ -189,12 +200,16 @@ def conv_transpose(
     c_x, c_w = x.shape[axes.channel], w.shape[axes.kernel_out]
     if c_x != c_w:
         raise ValueError(f"x has {c_x} channels but w of shape {w.shape} expects {c_w}")
-    groups = check_int("groups", groups, minimum=1)
-    if c_w % groups:
-        raise ValueError(f"groups={groups!r} must be a positive int dividing the channels of x ({c_w})")
     kernel = tuple(w.shape[a] for a in axes.kernel_spatial)
     geometry = make_geometry(
-        ndim, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, layout=layout
+        ndim,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        layout=layout,
+        channels=(c_x, w.shape[axes.kernel_in] * groups),
     )
     extra = int_tuple("output_padding", output_padding, ndim, minimum=0)
     for e, s, d in zip(extra, geometry.stride, geometry.dilation):
@@ -208,9 +223,10 @@ def conv_transpose(
     )
     if any(h < 0 for h in in_spatial):
         raise ValueError(f"padding {padding!r} is too large: the output would have spatial shape {in_spatial}")
-    if b is not None and tuple(b.shape) != (w.shape[axes.kernel_in] * groups,):
-        raise ValueError(f"b must have shape ({w.shape[axes.kernel_in] * groups},), got {tuple(b.shape)}")
+    c_out = w.shape[axes.kernel_in] * geometry.groups
+    if b is not None and tuple(b.shape) != (c_out,):
+        raise ValueError(f"b must have shape ({c_out},), got {tuple(b.shape)}")
     x, w, b = promote(x, w, b)
     gradient = composable.input_gradient if backward == "composable" else textbook.input_gradient
-    y = gradient(x, w, geometry, in_spatial)
+    y = gradient(geometry, x, w, in_spatial)
     return y if b is None else y + b.reshape(axes.bias_shape(b.shape[0]))

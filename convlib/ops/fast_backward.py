@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from convlib.ops.fast_forward import block_kernel, input_in_blocks
+from convlib.ops.formulation import GradientsFormula
 from convlib.ops.geometry import Geometry, make_geometry
 from convlib.ops.textbook import full_correlation_padding, input_gradient, weight_gradient
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
@@ -74,7 +75,7 @@ def _sub_kernel(w, phases, geometry: Geometry):
     return lax.slice(w, start, stop, stride)
 
 
-def input_gradient_by_phases(g, w, geometry: Geometry, in_spatial):
+def input_gradient_by_phases(geometry: Geometry, g, w, in_spatial):
     """dE/dX without zero insertion: one stride-1 correlation per phase (sub-pixel decomposition).
 
     Split the input positions by their residue `t = h mod s` (per spatial dim;
@@ -88,7 +89,7 @@ def input_gradient_by_phases(g, w, geometry: Geometry, in_spatial):
                      dilation d' and low padding -m_t, over the q < ceil((H - t) / s)
         dX[s q + t] = dX_t[q]                                         (interleave the phases)
 
-    Each phase is :func:`convlib.ops.conv.input_gradient` (groups included); phases
+    Each phase is :func:`convlib.ops.textbook.input_gradient` (groups included); phases
     no tap reaches are zero. g: (N, *out, C_out) or channels first. Returns the input's shape.
     """
     dims = zip(in_spatial, geometry.kernel, geometry.stride, geometry.dilation, geometry.padding)
@@ -117,13 +118,13 @@ def _phase_gradient(g, w, geometry: Geometry, phases):
         dilation=tuple(p.dilation for p in phases),
         padding=tuple((p.lo, 0) for p in phases),
     )
-    return input_gradient(g, _sub_kernel(w, phases, geometry), sub, tuple(p.size for p in phases))
+    return input_gradient(sub, g, _sub_kernel(w, phases, geometry), tuple(p.size for p in phases))
 
 
 # --------------------------------------------------------------------------- input gradient by folded columns
 
 
-def input_gradient_by_folded_columns(g, w, geometry: Geometry, in_spatial):
+def input_gradient_by_folded_columns(geometry: Geometry, g, w, in_spatial):
     """dE/dX with the kernel's last spatial dim (its columns) folded into its input channels: one correlation with
     K times the output channels, then K shifted adds.
 
@@ -153,7 +154,7 @@ def input_gradient_by_folded_columns(g, w, geometry: Geometry, in_spatial):
         padding=(*geometry.padding[:-1], (0, 0)),
     )
     out_columns = geometry.spatial_shape(g.shape)[-1]
-    z = input_gradient(g, folded, one_column, (*in_spatial[:-1], out_columns))
+    z = input_gradient(one_column, g, folded, (*in_spatial[:-1], out_columns))
     # column tap b of Z lands at s q + d b - lo: window offset b of the columns' own geometry
     columns = dataclasses.replace(
         geometry,
@@ -170,10 +171,10 @@ def input_gradient_by_folded_columns(g, w, geometry: Geometry, in_spatial):
     )
 
 
-# --------------------------------------------------------------------------- weight gradient by batch chunks
+# --------------------------------------------------------------------------- input gradient with padded channels
 
 
-def input_gradient_with_padded_channels(g, w, geometry: Geometry, in_spatial, multiple: int):
+def input_gradient_with_padded_channels(geometry: Geometry, g, w, in_spatial, *, multiple: int):
     """dE/dX by the textbook correlation with the kernel's C_in axis (dX's output channels) padded with zero
     filters to a multiple of `multiple`, then sliced back: the extra channels are sums of products with zero, the
     real ones the textbook sums in the textbook order. Ungrouped convs only.
@@ -181,27 +182,33 @@ def input_gradient_with_padded_channels(g, w, geometry: Geometry, in_spatial, mu
     axis, c_in = geometry.axes.kernel_in, w.shape[geometry.axes.kernel_in]
     widths = [(0, 0)] * w.ndim
     widths[axis] = (0, -c_in % multiple)
-    dx = input_gradient(g, jnp.pad(w, widths), geometry, in_spatial)
+    dx = input_gradient(geometry, g, jnp.pad(w, widths), in_spatial)
     return lax.slice_in_dim(dx, 0, c_in, axis=geometry.axes.channel)
 
 
-def weight_gradient_by_chunks(x, g, geometry: Geometry, kernel_shape, chunk: int):
+# --------------------------------------------------------------------------- weight gradient by batch chunks
+
+
+def weight_gradient_by_chunks(geometry: Geometry, x, g, kernel_shape, *, chunk: int):
     """dE/dW as a sum over batch chunks of the textbook correlation.
 
     dE/dW sums over the batch, so it splits into chunks of `chunk` images:
 
         dE/dW = sum_b X_b (*) G_b        X_b, G_b: images [b chunk, (b + 1) chunk) of X and G
 
-    each term :func:`convlib.ops.conv.weight_gradient`. A chunk's operands stay in
+    each term :func:`convlib.ops.textbook.weight_gradient`. A chunk's operands stay in
     cache, and the chunks can run concurrently. Returns the kernel's shape.
     """
     return sum(
-        weight_gradient(x[start : start + chunk], g[start : start + chunk], geometry, kernel_shape)
+        weight_gradient(geometry, x[start : start + chunk], g[start : start + chunk], kernel_shape)
         for start in range(0, x.shape[0], chunk)
     )
 
 
-def weight_gradient_by_space_to_depth(x, g, geometry: Geometry, kernel_shape, block: int, chunk: int):
+# --------------------------------------------------------------------------- weight gradient by space-to-depth
+
+
+def weight_gradient_by_space_to_depth(geometry: Geometry, x, g, kernel_shape, *, block: int, chunk: int):
     """dE/dW of a 2-D, stride-1, undilated, ungrouped NHWC conv as the weight gradient of its space-to-depth form
     (:mod:`convlib.ops.fast_forward`: `Xs`, the input in `block` x `block` blocks; `Gs`, G padded with zeros to
     whole blocks and cut alike, output phase (a, b) as channels), folded back onto the kernel's taps:
@@ -220,7 +227,7 @@ def weight_gradient_by_space_to_depth(x, g, geometry: Geometry, kernel_shape, bl
     gs = input_in_blocks(g, make_geometry(2, 1), block)
     blocked_shape = (*kernel, block * block * c, block * block * c_out)
     dws = weight_gradient_by_chunks(
-        input_in_blocks(x, geometry, block), gs, make_geometry(2, kernel), blocked_shape, chunk
+        make_geometry(2, kernel), input_in_blocks(x, geometry, block), gs, blocked_shape, chunk=chunk
     )
     # (p, q, u, v, c, a, b, o) -> (a, b, B p + u, B q + v, c, o): phase (a, b)'s kernel, tap B p + u - a at row B p + u
     phases = dws.reshape(*kernel, block, block, c, block, block, c_out).transpose(5, 6, 0, 2, 1, 3, 4, 7)
@@ -231,7 +238,7 @@ def weight_gradient_by_space_to_depth(x, g, geometry: Geometry, kernel_shape, bl
 # --------------------------------------------------------------------------- depthwise convs by taps
 
 
-def depthwise_weight_gradient(x, g, geometry: Geometry, kernel_shape):
+def depthwise_weight_gradient(geometry: Geometry, x, g, kernel_shape):
     """dE/dW of a depthwise conv (groups = C_in; m = C_out / C_in filters per input channel), tap by tap:
 
         dE/dW[k, 0, c m + j] = sum_{n, i} X_pad[n, s i + d k, c] G[n, i, c m + j]
@@ -252,7 +259,7 @@ def depthwise_weight_gradient(x, g, geometry: Geometry, kernel_shape):
     return jnp.moveaxis(taps, range(taps.ndim), (*axes.kernel_spatial, axes.kernel_in, axes.kernel_out))
 
 
-def depthwise_input_gradient(g, w, geometry: Geometry, in_spatial):
+def depthwise_input_gradient(geometry: Geometry, g, w, in_spatial):
     """dE/dX of a depthwise conv, tap by tap (G_full: G dilated by s and padded as for the textbook dE/dX):
 
         dE/dX[n, h, c] = sum_j sum_k G_full[n, h + d k, c m + j] W[K - 1 - k, 0, c m + j]
@@ -285,7 +292,6 @@ def _flipped_tap(w, k, geometry: Geometry):
 # --------------------------------------------------------------------------- lowerings
 
 Operands = tuple  # (x, w, g) of one conv
-Gradients = Callable  # (geometry, x, w, g) -> (dE/dX, dE/dW)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +308,7 @@ class Lowering:
     split: Callable[..., Sequence[Operands]]
     merge: Callable[..., tuple]
 
-    def __call__(self, geometry: Geometry, x, w, g, inner: Gradients):
+    def __call__(self, geometry: Geometry, x, w, g, inner: GradientsFormula):
         """(dE/dX, dE/dW), each smaller conv's gradients by `inner(sub_geometry, x_i, w_i, g_i)`."""
         sub = self.sub_geometry(geometry)
         return self.merge(geometry, x, w, [inner(sub, *operands) for operands in self.split(geometry, x, w, g)])

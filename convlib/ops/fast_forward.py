@@ -15,16 +15,13 @@ Every product of the textbook sum appears once; the others are products with zer
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from convlib.ops.geometry import Geometry
 
-BLOCK = 2  # side of the space-to-depth block
 
-
-def forward_by_space_to_depth(x, w, b, geometry: Geometry, block: int = BLOCK):
+def forward_by_space_to_depth(geometry: Geometry, x, w, b, *, block: int):
     """Y = X (*) W + b for a 2-D, stride-1, undilated, ungrouped NHWC conv, by space-to-depth (module docstring).
 
     x: (N, H, W, C_in); w: (K_h, K_w, C_in, C_out); b: (C_out,) or None. Returns (N, H_out, W_out, C_out).
@@ -34,23 +31,22 @@ def forward_by_space_to_depth(x, w, b, geometry: Geometry, block: int = BLOCK):
     >>> from convlib.ops.geometry import make_geometry
     >>> x, w = jax.random.normal(jax.random.key(0), (2, 9, 9, 1)), jax.random.normal(jax.random.key(1), (5, 5, 1, 6))
     >>> g = make_geometry(2, (5, 5), padding=1)
-    >>> y = forward_by_space_to_depth(x, w, None, g)
-    >>> y.shape, bool(jnp.allclose(y, textbook.forward(x, w, None, g), atol=1e-5))
+    >>> y = forward_by_space_to_depth(g, x, w, None, block=2)
+    >>> y.shape, bool(jnp.allclose(y, textbook.forward(g, x, w, None), atol=1e-5))
     ((2, 7, 7, 6), True)
     """
-    with jax.named_scope("convlib.conv.forward.space_to_depth"):
-        n, c_out = x.shape[0], w.shape[-1]
-        out = geometry.output_spatial(x.shape[1:3])
-        kernel = block_kernel(geometry.kernel, block)
-        xs = input_in_blocks(x, geometry, block)
-        ws = jnp.concatenate(
-            [_shifted_block_kernel(w, kernel, a, bb, block) for a in range(block) for bb in range(block)], axis=-1
-        )
-        y = lax.conv_general_dilated(xs, ws, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        blocks = y.shape[1:3]
-        y = y.reshape(n, *blocks, block, block, c_out).transpose(0, 1, 3, 2, 4, 5)
-        y = y.reshape(n, block * blocks[0], block * blocks[1], c_out)[:, : out[0], : out[1]]
-        return y if b is None else y + b
+    n, c_out = x.shape[0], w.shape[-1]
+    out = geometry.output_spatial(x.shape[1:3])
+    kernel = block_kernel(geometry.kernel, block)
+    xs = input_in_blocks(x, geometry, block)
+    ws = jnp.concatenate(
+        [_shifted_block_kernel(w, kernel, a, bb, block) for a in range(block) for bb in range(block)], axis=-1
+    )
+    y = lax.conv_general_dilated(xs, ws, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    blocks = y.shape[1:3]
+    y = y.reshape(n, *blocks, block, block, c_out).transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(n, block * blocks[0], block * blocks[1], c_out)[:, : out[0], : out[1]]
+    return y if b is None else y + b
 
 
 def block_kernel(kernel, block: int) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convlib.ops.checks import check_choice, is_int
+from convlib.ops.checks import check_choice, check_int, is_int
 
 LAYOUTS = ("NHWC", "NCHW")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -223,8 +223,17 @@ def int_tuple(name: str, value, ndim: int, minimum: int = 1) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _explicit_padding(padding, ndim: int) -> Pairs:
-    """int | (p, ...) | ((lo, hi), ...) -> ((lo, hi), ...)."""
+def check_padding(padding, ndim: int) -> Pairs | str:
+    """`padding` normalised: "SAME" or "VALID" (any case), or one `(lo, hi)` pair per spatial dim from an int, `ndim`
+    ints or `ndim` pairs.
+
+    >>> check_padding("same", 2), check_padding(1, 2)
+    ('SAME', ((1, 1), (1, 1)))
+    """
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "VALID"):
+            return padding.upper()
+        raise ValueError(f"padding must be an int, a sequence, 'SAME' or 'VALID'; got {padding!r}")
     if is_int(padding):
         return ((int(padding), int(padding)),) * ndim
     if isinstance(padding, Sequence) and len(padding) == ndim:
@@ -273,37 +282,38 @@ def make_geometry(
     layout: str = "NHWC",
     padding_mode: str = "zeros",
     in_spatial: Sequence[int] | None = None,
+    channels: tuple[int, int] | None = None,
 ) -> Geometry:
-    """Validates user arguments and resolves them into a :class:`Geometry`.
+    """Validates user arguments and resolves them into a :class:`Geometry`: the one check of each of them.
 
-    `in_spatial` (the input's spatial shape) is needed only to resolve "SAME"
-    padding and to check that the kernel fits the padded input.
+    `in_spatial` (the input's spatial shape) is needed only to resolve "SAME" padding and to check that the kernel
+    fits the padded input; `channels` (input, output), only to check that `groups` divides both.
+
+    >>> make_geometry(2, 3, padding="SAME", in_spatial=(8, 8)).padding
+    ((1, 1), (1, 1))
     """
     if ndim not in (1, 2, 3):
         raise ValueError(f"only 1, 2 or 3 spatial dimensions are supported, got {ndim}")
     layout = check_layout(layout)
     check_choice("padding_mode", padding_mode, PADDING_MODES)
-    if not is_int(groups):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups!r}")
+    groups = check_int("groups", groups, minimum=1)
+    if channels is not None and any(c % groups for c in channels):
+        raise ValueError(
+            f"groups={groups} must divide both input channels ({channels[0]}) and output channels ({channels[1]})"
+        )
     kernel = int_tuple("kernel size", kernel, ndim)
     stride = int_tuple("stride", stride, ndim)
     dilation = int_tuple("dilation", dilation, ndim)
 
-    if isinstance(padding, str):
-        if padding.upper() == "VALID":
-            pads = ((0, 0),) * ndim
-        elif padding.upper() == "SAME":
-            if in_spatial is None:
-                raise ValueError("padding='SAME' needs the input's spatial shape (in_spatial)")
-            pads = same_padding(in_spatial, kernel, stride, dilation)
-        else:
-            raise ValueError(f"padding must be an int, a sequence, 'SAME' or 'VALID'; got {padding!r}")
-    else:
-        pads = _explicit_padding(padding, ndim)
+    pads = check_padding(padding, ndim)
+    if pads == "VALID":
+        pads = ((0, 0),) * ndim
+    elif pads == "SAME":
+        if in_spatial is None:
+            raise ValueError("padding='SAME' needs the input's spatial shape (in_spatial)")
+        pads = same_padding(in_spatial, kernel, stride, dilation)
 
-    geometry = Geometry(kernel, stride, pads, dilation, int(groups), layout, padding_mode)
+    geometry = Geometry(kernel, stride, pads, dilation, groups, layout, padding_mode)
     if in_spatial is not None:
         check_fits(geometry, in_spatial)
     return geometry
@@ -333,7 +343,7 @@ def check_fits(geometry: Geometry, in_spatial: Sequence[int]) -> None:
 # --------------------------------------------------------------------------- the boundary of conv
 
 
-def spatial_ndim(x) -> int:
+def input_spatial_ndim(x) -> int:
     """The number of spatial dims of an input `x` of rank 3, 4 or 5 (batch and channel axes besides)."""
     if x.ndim not in (3, 4, 5):
         raise ValueError(f"x must have rank 3, 4 or 5 (N, spatial..., C), got shape {x.shape}")
@@ -346,29 +356,14 @@ def conv_geometry(
     """Validates the arguments of :func:`convlib.ops.conv` (arrays or anything with `shape`) and returns their
     :class:`Geometry`."""
     layout = check_layout(layout)
-    ndim = spatial_ndim(x)
+    ndim = input_spatial_ndim(x)
     if w.ndim != x.ndim:
         raise ValueError(f"w must have the same rank as x ({x.ndim}), got shape {w.shape}")
     axes = layout_axes(layout, ndim)
-    kernel = tuple(w.shape[a] for a in axes.kernel_spatial)
     w_in, c_out, c_in = w.shape[axes.kernel_in], w.shape[axes.kernel_out], x.shape[axes.channel]
-    if not is_int(groups):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    if groups < 1 or c_in % groups or c_out % groups:
-        raise ValueError(
-            f"groups={groups!r} must be >= 1 and divide both input channels ({c_in}) and output channels ({c_out})"
-        )
-    if w_in * groups != c_in:
-        raise ValueError(
-            f"x has {c_in} input channels but w of shape {w.shape} expects {w_in} x groups={groups} = {w_in * groups}"
-        )
-    if b is not None and tuple(b.shape) != (c_out,):
-        raise ValueError(f"b must have shape ({c_out},), got {tuple(b.shape)}")
-    if any(k == 0 for k in kernel):
-        raise ValueError(f"kernel size must be >= 1, got w of shape {w.shape}")
-    return make_geometry(
+    geometry = make_geometry(
         ndim,
-        kernel,
+        tuple(w.shape[a] for a in axes.kernel_spatial),
         stride=stride,
         padding=padding,
         dilation=dilation,
@@ -376,4 +371,12 @@ def conv_geometry(
         layout=layout,
         padding_mode=padding_mode,
         in_spatial=tuple(x.shape[a] for a in axes.spatial),
+        channels=(c_in, c_out),
     )
+    if w_in * geometry.groups != c_in:
+        raise ValueError(
+            f"x has {c_in} input channels but w of shape {w.shape} expects {w_in} x groups={groups} = {w_in * groups}"
+        )
+    if b is not None and tuple(b.shape) != (c_out,):
+        raise ValueError(f"b must have shape ({c_out},), got {tuple(b.shape)}")
+    return geometry

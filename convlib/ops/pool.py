@@ -43,9 +43,9 @@ from convlib.ops.geometry import (
     ceil_mode_padding,
     check_backward,
     check_layout,
+    input_spatial_ndim,
     layout_axes,
     make_geometry,
-    spatial_ndim,
 )
 from convlib.ops.sharding import sum_to_primal_axes
 from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_offsets, window_view
@@ -53,7 +53,7 @@ from convlib.ops.windows import full_rank, pad_spatial, scatter_back, window_off
 
 def pool_geometry(x, window, stride=None, padding=0, *, ceil_mode=False, layout="NHWC") -> Geometry:
     """Validates pooling arguments; returns the :class:`Geometry` (ceil mode folded into the padding)."""
-    layout, ndim = check_layout(layout), spatial_ndim(x)
+    layout, ndim = check_layout(layout), input_spatial_ndim(x)
     ceil_mode = check_bool("ceil_mode", ceil_mode)
     in_spatial = tuple(x.shape[a] for a in layout_axes(layout, ndim).spatial)
     geometry = make_geometry(
@@ -389,7 +389,8 @@ def avg_pool(
 ) -> jax.Array:
     """Average pooling over 1, 2 or 3 spatial dims (PyTorch's `avg_pool{1,2,3}d` semantics).
 
-    Args: as :func:`max_pool`, and
+    Args:
+      x, window, stride, padding, ceil_mode, layout, backward: as in :func:`max_pool`.
       count_include_pad: whether zero padding counts in the divisor (a bool; the ceil-mode overhang never does).
     Returns:
       (N, *out_spatial, C) or (N, C, *out_spatial).

@@ -32,8 +32,9 @@ class ReceptiveField:
 def receptive_fields(layers: Sequence[Geometry]) -> list[ReceptiveField]:
     """The receptive field after each layer of a stack (the input itself excluded).
 
-    layers: the :class:`Geometry` of each layer, input side first, all with the same `ndim` — built by
-      :func:`make_geometry` (a conv's or a pool's kernel, stride, padding and dilation); nothing else is accepted.
+    Args:
+      layers: the :class:`Geometry` of each layer, input side first, all with the same `ndim` — built by
+        :func:`make_geometry` (a conv's or a pool's kernel, stride, padding and dilation); nothing else is accepted.
 
     >>> from convlib.ops import make_geometry
     >>> conv3 = make_geometry(2, 3, padding=1)

@@ -96,7 +96,7 @@ def conv_im2col(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs
 def conv_lax(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:
     """Cross-correlation with `lax.conv_general_dilated` (autodiff backward). Same arguments as `conv`."""
     x, w, b, geometry = _prepare(x, w, b, kwargs)
-    return textbook.forward(x, w, b, geometry, lax.conv_general_dilated)
+    return textbook.forward(geometry, x, w, b, lax.conv_general_dilated)
 
 
 IMPLEMENTATIONS = {"loops": conv_loops, "im2col": conv_im2col, "lax": conv_lax}

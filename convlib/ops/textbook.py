@@ -24,7 +24,6 @@ numbers (`Geometry.axes`): the same code serves NHWC and NCHW, 1, 2 and 3 spatia
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -39,14 +38,45 @@ def conv_general_dilated(
     XLA:CPU runs a conv whose (dilated) input is shorter than the kernel's extent along some spatial dim on a
     generic loop up to 30x slower than its conv library (a 2x2 map under a 3x3 kernel, as in VGG's last block:
     1.1 s against 41 ms). On a CPU (`lax.platform_dependent`: decided where the program is lowered, not by the
-    default backend) such a conv gets its padding and input dilation materialised with `lax.pad`, behind an
-    optimisation barrier so that XLA cannot fold them back; the sums are the same. The hand-derived backward runs
-    its convs through here too; `backward="autodiff"` keeps the plain conv, since JAX's transpose of the
-    materialised padding lands on the slow path again.
+    default backend) such a conv gets its padding and input dilation materialised (:func:`single_conv`); the
+    sums are the same. The differentiated path (the planned forward and the hand-derived backward) runs its convs
+    through here; `backward="autodiff"` keeps the plain conv, since JAX's transpose of the materialised padding
+    lands on the slow path again.
     """
-    lhs_spatial, rhs_spatial = dimension_numbers.lhs_spec[2:], dimension_numbers.rhs_spec[2:]
-    lhs_dilation = lhs_dilation or (1,) * len(lhs_spatial)
-    conv = lambda lhs, rhs, padding, lhs_dilation: lax.conv_general_dilated(  # noqa: E731
+    arguments = dict(
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        **groups,
+    )
+    if not _narrow(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation):
+        return lax.conv_general_dilated(lhs, rhs, **arguments)
+    return lax.platform_dependent(
+        lhs,
+        rhs,
+        cpu=lambda lhs, rhs: single_conv(lhs, rhs, **arguments),
+        default=lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, **arguments),
+    )
+
+
+def single_conv(lhs, rhs, *, window_strides, padding, dimension_numbers, lhs_dilation=None, rhs_dilation, **groups):
+    """`lax.conv_general_dilated` (same arguments) as one conv on every platform, no platform branch: what the
+    primal of a convlib conv runs, so that every jaxpr of a forward pass shows one `conv_general_dilated`.
+
+    An input shorter than the kernel's extent (:func:`conv_general_dilated`'s slow path of XLA:CPU) gets its
+    padding and input dilation materialised by `lax.pad`, behind an optimisation barrier so that XLA cannot fold
+    them back into the conv; elsewhere this is `lax.conv_general_dilated` itself.
+    """
+    if _narrow(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation):
+        spatial = dimension_numbers.lhs_spec[2:]
+        widths = [(0, 0, 0)] * lhs.ndim
+        for axis, (lo, hi), s in zip(spatial, padding, lhs_dilation or (1,) * len(spatial)):
+            widths[axis] = (lo, hi, s - 1)
+        lhs = lax.optimization_barrier(lax.pad(lhs, jnp.zeros((), lhs.dtype), widths))
+        padding, lhs_dilation = [(0, 0)] * len(spatial), None
+    return lax.conv_general_dilated(
         lhs,
         rhs,
         window_strides=window_strides,
@@ -56,38 +86,31 @@ def conv_general_dilated(
         dimension_numbers=dimension_numbers,
         **groups,
     )
-    narrow = any(
+
+
+def _narrow(lhs, rhs, dimension_numbers, lhs_dilation, rhs_dilation) -> bool:
+    """Whether the (dilated) input is shorter than the kernel's extent along some spatial dim."""
+    lhs_spatial, rhs_spatial = dimension_numbers.lhs_spec[2:], dimension_numbers.rhs_spec[2:]
+    lhs_dilation = lhs_dilation or (1,) * len(lhs_spatial)
+    return any(
         dilated_size(lhs.shape[a], s) < dilated_size(rhs.shape[b], d)
         for a, b, s, d in zip(lhs_spatial, rhs_spatial, lhs_dilation, rhs_dilation)
     )
-    if not narrow:
-        return conv(lhs, rhs, padding, lhs_dilation)
 
-    def materialised(lhs, rhs):
-        widths = [(0, 0, 0)] * lhs.ndim
-        for axis, (lo, hi), s in zip(lhs_spatial, padding, lhs_dilation):
-            widths[axis] = (lo, hi, s - 1)
-        lhs = lax.optimization_barrier(lax.pad(lhs, jnp.zeros((), lhs.dtype), widths))
-        return conv(lhs, rhs, [(0, 0)] * len(lhs_spatial), None)
 
-    return lax.platform_dependent(
-        lhs, rhs, cpu=materialised, default=lambda lhs, rhs: conv(lhs, rhs, padding, lhs_dilation)
+def forward(geometry: Geometry, x, w, b, conv=conv_general_dilated):
+    """Y = X (*) W + b with `conv`: :func:`conv_general_dilated` (the differentiated path), :func:`single_conv`
+    (the primal) or `lax.conv_general_dilated` (autodiff)."""
+    y = conv(
+        x,
+        w,
+        window_strides=geometry.stride,
+        padding=geometry.padding,
+        rhs_dilation=geometry.dilation,
+        dimension_numbers=geometry.dimension_numbers,
+        feature_group_count=geometry.groups,
     )
-
-
-def forward(x, w, b, geometry: Geometry, conv=conv_general_dilated):
-    """Y = X (*) W + b with `conv` (:func:`conv_general_dilated`, or `lax.conv_general_dilated` for autodiff)."""
-    with jax.named_scope("convlib.conv.forward"):
-        y = conv(
-            x,
-            w,
-            window_strides=geometry.stride,
-            padding=geometry.padding,
-            rhs_dilation=geometry.dilation,
-            dimension_numbers=geometry.dimension_numbers,
-            feature_group_count=geometry.groups,
-        )
-        return y if b is None else y + b.reshape(geometry.axes.bias_shape(b.shape[0]))
+    return y if b is None else y + b.reshape(geometry.axes.bias_shape(b.shape[0]))
 
 
 def flipped_kernel(w, geometry: Geometry):
@@ -145,7 +168,7 @@ def weight_gradient_padding(geometry: Geometry, in_spatial, out_spatial) -> list
     ]
 
 
-def input_gradient(g, w, geometry: Geometry, in_spatial):
+def input_gradient(geometry: Geometry, g, w, in_spatial):
     """dE/dX: full correlation of the stride-dilated, padded `g` with rot180(W).
 
     g: output cotangent (N, *out_spatial, C_out) or channels first; w: the forward's kernel. Returns
@@ -164,7 +187,7 @@ def input_gradient(g, w, geometry: Geometry, in_spatial):
     )
 
 
-def weight_gradient(x, g, geometry: Geometry, kernel_shape):
+def weight_gradient(geometry: Geometry, x, g, kernel_shape):
     """dE/dW: correlation of the input with `g`, stride and dilation swapped.
 
     The batch is contracted (the input's channels play the batch role, `g`'s batch plays the input-feature role);
@@ -190,20 +213,11 @@ def bias_gradient(g, geometry: Geometry):
     return jnp.sum(g, axis=tuple(a for a in range(g.ndim) if a != geometry.channel_axis))
 
 
-def gradients(geometry: Geometry, x, w, g):
-    """(dE/dX, dE/dW) by the textbook formulas above."""
-    with jax.named_scope("convlib.conv.dX.textbook"):
-        dx = input_gradient(g, w, geometry, geometry.spatial_shape(x.shape))
-    with jax.named_scope("convlib.conv.dW.textbook"):
-        dw = weight_gradient(x, g, geometry, w.shape)
-    return dx, dw
-
-
-def backward(geometry: Geometry, residuals, g, gradients=gradients):
+def backward(geometry: Geometry, residuals, g, gradients):
     """(dE/dX, dE/dW, dE/db) of `conv(x, w, b)` from the residuals (x, w, b or None) and the cotangent `g`.
 
-    `gradients(geometry, x, w, g) -> (dE/dX, dE/dW)`: the formulation (default: the textbook's); it is called only
-    when something flows back (x and g non-empty), else the gradients are zeros.
+    `gradients(geometry, x, w, g) -> (dE/dX, dE/dW)`: the formulation (a plan of :mod:`convlib.ops.plan`); it is
+    called only when something flows back (x and g non-empty), else the gradients are zeros.
     """
     x, w, b = residuals
     if x.size == 0 or g.size == 0:

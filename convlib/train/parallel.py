@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convlib.ops.checks import check_choice
-from convlib.ops.plan import compiler_options
+from convlib.ops.compiler import compiler_options
 from convlib.train.state import TrainState, is_prng_key
 
 PARALLEL_MODES = ("none", "pmap", "sharding", "shard_map")

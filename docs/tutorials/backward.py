@@ -1,20 +1,33 @@
 # %% [markdown]
 # # Deriving the backward of a convolution
 #
-# The lecture's example: a 3x3 input `x = h^{l-1}`, a 2x2 kernel `w`, stride 1, no padding, so a 2x2 output
-# `h = h^l`:
+# The lecture's example: a 3x3 input $x = h^{l-1}$, a 2x2 kernel $w$, stride 1, no padding, so a 2x2 output
+# $h = h^l$:
 #
-# ```
-# h_ij = Σ_m Σ_n x(i + m, j + n) w(m, n)            i, j, m, n ∈ {0, 1}
-# ```
+# $$h_{ij} = \sum_{m=0}^{1} \sum_{n=0}^{1} x(i+m,\ j+n)\, w(m, n), \qquad i, j \in \{0, 1\}$$
 #
-# With a loss `E` and its gradient `δ_ij = ∂E/∂h_ij` from the layer above, the chain rule gives
+# With a loss $E$ and its gradient $\delta_{ij} = \partial E / \partial h_{ij}$ from the layer above, the chain rule
+# gives the gradient of a weight, the input cross-correlated with $\delta$:
 #
-# ```
-# ∂E/∂w(m, n) = Σ_i Σ_j δ_ij ∂h_ij/∂w(m, n) = Σ_i Σ_j δ_ij x(i + m, j + n)     the input cross-correlated with δ
-# ∂E/∂x(a, b) = Σ_i Σ_j δ_ij ∂h_ij/∂x(a, b) = Σ_{i,j: 0 ≤ a-i, b-j ≤ 1} δ_ij w(a - i, b - j)
-#             = full cross-correlation of δ (zero-padded by 1) with w rotated by 180°
-# ```
+# $$\frac{\partial E}{\partial w(m,n)} = \sum_{i,j} \delta_{ij} \frac{\partial h_{ij}}{\partial w(m,n)}
+#   = \sum_{i=0}^{1} \sum_{j=0}^{1} \delta_{ij}\, x(i+m,\ j+n)$$
+#
+# and the gradient of an input pixel,
+#
+# $$\frac{\partial E}{\partial x(a,b)} = \sum_{i,j} \delta_{ij} \frac{\partial h_{ij}}{\partial x(a,b)},$$
+#
+# a sum over the outputs whose window covers it, those with $0 \le a - i \le 1$ and $0 \le b - j \le 1$:
+#
+# $$\frac{\partial E}{\partial x(a,b)}
+#   = \sum_{i=\max(0,\,a-1)}^{\min(1,\,a)} \; \sum_{j=\max(0,\,b-1)}^{\min(1,\,b)} \delta_{ij}\, w(a-i,\ b-j)$$
+#
+# that is, $\delta$ zero-padded by 1 and cross-correlated with the kernel rotated by 180°, which is the same as the
+# full convolution of $\delta$ with $w$:
+#
+# $$\frac{\partial E}{\partial x} = \operatorname{pad}_1(\delta) \star \operatorname{rot}_{180}(w)
+#   = \delta * w \quad \text{(full)}$$
+#
+# where $\star$ is cross-correlation and $*$ convolution; "full" keeps every position where $\delta$ and $w$ overlap.
 #
 # **What this page checks**: each of the four `∂E/∂w` and nine `∂E/∂x` is written out below from the index sets
 # of these sums (the expressions are generated, not typed), evaluated by NumPy from the same sums, and compared
@@ -78,7 +91,7 @@ for m, n in offsets:
 
 
 # %% [markdown]
-# ## ∂E/∂x: the full convolution with the rotated kernel
+# ## ∂E/∂x: δ padded, cross-correlated with the rotated kernel
 #
 # An input pixel is read by every output whose window covers it: the corners by one, the edges by two, the centre
 # by all four:
@@ -93,8 +106,9 @@ for a, b in pixels:
     print(f"∂E/∂{sym('x', a, b)} = " + " + ".join(f"{sym('δ', *d)}·{sym('w', *k)}" for d, k in dx_terms(a, b)))
 
 # %% [markdown]
-# Read the centre row, `∂E/∂x11 = δ00·w11 + δ01·w10 + δ10·w01 + δ11·w00`: δ meets the kernel *backwards*. Laid out
-# as a grid, ∂E/∂x is δ padded with K − 1 = 1 zero on every side, cross-correlated with `rot180(w)`:
+# Read the centre row, $\partial E/\partial x_{11} = \delta_{00} w_{11} + \delta_{01} w_{10} + \delta_{10} w_{01} +
+# \delta_{11} w_{00}$: δ meets the kernel *backwards*. Laid out as a grid, ∂E/∂x is δ padded with K − 1 = 1 zero on
+# every side, cross-correlated with $\operatorname{rot}_{180}(w)$ (equivalently, δ fully convolved with $w$):
 
 # %%
 delta_padded = [["0"] * (OUT + 2)] + [["0", *[sym("δ", i, j) for j in range(OUT)], "0"] for i in range(OUT)]
@@ -148,15 +162,19 @@ print("∂E/∂w =\n", dw_formula, "\n∂E/∂x =\n", dx_formula)
 # %% [markdown]
 # ## The general formulas, one change at a time
 #
-# With stride `s`, dilation `d`, padding `(lo, hi)`, the dilated kernel extent `K_eff = d (K − 1) + 1` and
-# `G = ∂E/∂h` (one spatial dim shown; the same per dim):
+# With stride $s$, dilation $d$, padding $(lo, hi)$, the dilated kernel extent $K_\text{eff} = d(K-1) + 1$ and
+# $G = \partial E / \partial h$ (one spatial dim shown; the same per dim), the forward and the weight gradient are
 #
-# ```
-# forward   h_i   = Σ_m x_pad(s·i + d·m) w(m)
-# ∂E/∂w(m)        = Σ_i G_i x_pad(s·i + d·m)                 x_pad cross-correlated with G dilated by s, window step d
-# ∂E/∂x           = full cross-correlation of  pad(dilate(G, s), K_eff − 1 − lo, H + lo − (s (H_out − 1) + 1))
-#                   with rot180(w) dilated by d
-# ```
+# $$h_i = \sum_m x_\text{pad}(s\,i + d\,m)\; w(m), \qquad
+#   \frac{\partial E}{\partial w(m)} = \sum_i G_i\; x_\text{pad}(s\,i + d\,m)$$
+#
+# ($x_\text{pad}$ cross-correlated with $G$ dilated by $s$, window step $d$). The input gradient is a full
+# cross-correlation of $G$, dilated by $s$ and zero-padded, with the rotated kernel, dilated by $d$:
+#
+# $$G' = \operatorname{pad}\big(\operatorname{dilate}(G, s),\; K_\text{eff} - 1 - lo,\;
+#   H + lo - (s\,(H_\text{out} - 1) + 1)\big),$$
+#
+# $$\frac{\partial E}{\partial x} = G' \star \operatorname{dilate}\big(\operatorname{rot}_{180}(w),\, d\big).$$
 #
 # - **Stride** `s`: output `i` reads input `s·i + m`, so the gradient lands on every s-th input position: `G` is
 #   **dilated** (s − 1 zeros between its entries) before the full correlation.
@@ -223,18 +241,23 @@ def check(name, x, w, **geometry):
 
 rng = np.random.default_rng(0)
 x7, w3 = rng.normal(size=(7, 7)), rng.normal(size=(3, 3))
-check("lecture example", x, w)
-check("stride 2", x7, w3, stride=2)
-check("stride 3, ragged (7 = 3·2 + 1)", x7, w3, stride=3)
-check("padding 1", x7, w3, padding=1)
-check("padding 2, stride 2", x7, w3, padding=2, stride=2)
-check("dilation 2", x7, w3, dilation=2)
-check("dilation 2, stride 2, padding 2", x7, w3, dilation=2, stride=2, padding=2)
+CASES = {
+    "lecture example": (x, w, {}),
+    "stride 2": (x7, w3, {"stride": 2}),
+    "stride 3, ragged (7 = 3·2 + 1)": (x7, w3, {"stride": 3}),
+    "padding 1": (x7, w3, {"padding": 1}),
+    "padding 2, stride 2": (x7, w3, {"padding": 2, "stride": 2}),
+    "dilation 2": (x7, w3, {"dilation": 2}),
+    "dilation 2, stride 2, padding 2": (x7, w3, {"dilation": 2, "stride": 2, "padding": 2}),
+}
+for name, (case_x, case_w, geometry) in CASES.items():
+    check(name, case_x, case_w, **geometry)
 
 # %% [markdown]
 # The dilated, padded G of the stride-2 case, for a 7x7 input and a 3x3 kernel (entries 1 … 9 to tell them
-# apart): zeros between the entries for the stride, K_eff − 1 − lo = 2 on the low side and
-# H + lo − (s (H_out − 1) + 1) = 7 − 5 = 2 on the high side, so that a valid 3x3 correlation gives back 7x7:
+# apart): zeros between the entries for the stride, $K_\text{eff} - 1 - lo = 2$ on the low side and
+# $H + lo - (s\,(H_\text{out} - 1) + 1) = 7 - 5 = 2$ on the high side, so that a valid 3x3 correlation gives back
+# 7x7:
 
 # %%
 g_example = np.arange(1.0, 10.0).reshape(3, 3)
@@ -274,7 +297,7 @@ for mode in MODES:
     print(f"groups=2, backward={mode!r}: ∂E/∂x and ∂E/∂w equal the two dense groups' gradients side by side")
 
 # %% [markdown]
-# ## What `custom` adds to `textbook`
+# ## What custom adds to textbook
 #
 # `backward="textbook"` always issues the formulas above as `lax` convolutions. `backward="custom"` computes the
 # same sums in an order planned from the shapes (phases for strided ∂E/∂x, per-tap products for depthwise

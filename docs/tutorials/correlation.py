@@ -1,16 +1,18 @@
 # %% [markdown]
 # # Cross-correlation and convolution
 #
-# What a convolutional layer computes, in the lecture's notation with indices from 0: an input `I` of size
-# H x W, a kernel `W` of size k x k, and the output
+# What a convolutional layer computes, in the lecture's notation with indices from 0: an input $I$ of size
+# $H \times W$, a kernel $W$ of size $k \times k$, and the output, for $i = 0, \dots, H-k$ and $j = 0, \dots, W-k$,
 #
-# ```
-# h_ij = Σ_m Σ_n I(m + i, n + j) W(m, n)        m, n = 0 … k-1,   i = 0 … H-k,   j = 0 … W-k
-# ```
+# $$h_{ij} = \sum_{m=0}^{k-1} \sum_{n=0}^{k-1} I(i+m,\ j+n)\, W(m, n).$$
 #
 # This is **cross-correlation**: the kernel slides over the input as it is. A true **convolution** flips the kernel
-# first, `(I * W)_ij = Σ_m Σ_n I(i + m, j + n) W(k-1-m, k-1-n)`. CNN layers (PyTorch's `conv2d`, `lax.conv`, and
-# `convlib.ops.conv`) compute cross-correlation; `convlib.ops.convolve` is the convolution.
+# first,
+#
+# $$(I * W)_{ij} = \sum_{m=0}^{k-1} \sum_{n=0}^{k-1} I(i+m,\ j+n)\, W(k-1-m,\ k-1-n),$$
+#
+# so convolving with $W$ is cross-correlating with $\operatorname{rot}_{180}(W)$. CNN layers (PyTorch's `conv2d`,
+# `lax.conv`, and `convlib.ops.conv`) compute cross-correlation; `convlib.ops.convolve` is the convolution.
 #
 # **What this page checks** (every `assert` below runs when the site is built; a failing one fails the build):
 #

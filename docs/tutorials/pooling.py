@@ -1,14 +1,18 @@
 # %% [markdown]
 # # Pooling's backward
 #
-# Pooling has no weights, so its backward only routes `G = ∂E/∂y` back to the inputs:
+# Pooling has no weights, so its backward only routes $G = \partial E / \partial y$ back to the inputs. Max pooling
+# sends each output's gradient to the first maximum of its window, $M(o)$:
 #
-# ```
-# max:      y_o = max_{p ∈ window(o)} x_p        ∂E/∂x_p = Σ_{o : p is the first maximum of window(o)} G_o
-# average:  y_o = Σ_{p ∈ window(o)} x_p / D_o     ∂E/∂x_p = Σ_{o : p ∈ window(o)} G_o / D_o
-# ```
+# $$y_o = \max_{p \in \operatorname{window}(o)} x_p, \qquad
+#   \frac{\partial E}{\partial x_p} = \sum_{o\,:\; M(o) = p} G_o;$$
 #
-# where "first" is in row-major order inside the window and `D_o` is the divisor: the window size, or with
+# average pooling shares it among the window's pixels:
+#
+# $$y_o = \frac{1}{D_o} \sum_{p \in \operatorname{window}(o)} x_p, \qquad
+#   \frac{\partial E}{\partial x_p} = \sum_{o\,:\; p \in \operatorname{window}(o)} \frac{G_o}{D_o},$$
+#
+# where "first" is in row-major order inside the window and $D_o$ is the divisor: the window size, or with
 # `count_include_pad=False` only the real (unpadded) pixels it covers. Overlapping windows (stride < window)
 # accumulate.
 #

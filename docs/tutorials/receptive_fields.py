@@ -1,12 +1,13 @@
 # %% [markdown]
 # # Receptive fields
 #
-# How many input pixels does one unit of layer l see? For a stack of layers with kernel extent
-# `K_eff = d (K − 1) + 1` (dilation d) and stride s, measured in input pixels:
+# How many input pixels does one unit of layer $l$ see? For a stack of layers with kernel extent
+# $K_\text{eff} = d\,(K-1) + 1$ (dilation $d$) and stride $s$, measured in input pixels:
 #
-# ```
-# size_l = size_{l-1} + (K_eff − 1) · jump_{l-1}        jump_l = jump_{l-1} · s        size_0 = jump_0 = 1
-# ```
+# $$\text{size}_l = \text{size}_{l-1} + (K_\text{eff} - 1)\, \text{jump}_{l-1}, \qquad
+#   \text{jump}_l = \text{jump}_{l-1}\, s,$$
+#
+# starting from the input itself, $\text{size}_0 = \text{jump}_0 = 1$.
 #
 # `ops.receptive_fields` computes this from the layers' geometries. The lecture's questions: how does the field grow
 # with (Q1) bigger kernels and stacking, and (Q2) pooling or stride and dilation?
@@ -136,6 +137,9 @@ for ax, grad, title in (
     shown = ax.imshow(np.log10(np.where(grad > 0, grad, np.nan)), cmap="viridis", extent=(-r, r, r, -r))
     ax.set(title=title, xlabel="input column − centre (pixels)", ylabel="input row − centre (pixels)")
     fig.colorbar(shown, ax=ax, label="log10 ∂(centre unit)/∂(input pixel)")
+# alt: Left, receptive field against depth on a log scale for the five kinds of stack, computed and measured alike;
+#   middle, the context module's dilations 1, 1, 2, 4, 8, 16 reach every pixel of a 65-pixel square; right, six
+#   layers of dilation 2 reach only a sparse grid of pixels.
 plt.show()
 
 # %% [markdown]

@@ -12,13 +12,18 @@
 # is 10 %). Both are `assert`s, so a change that breaks learning breaks the site's build.
 
 # %%
+import warnings
+
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
+from tqdm import TqdmWarning
 
-from convlib import data, models, train
+# a static page shows no widgets: tqdm's notebook bar needs ipywidgets, and falls back to its text bar without it
+warnings.filterwarnings("ignore", category=TqdmWarning)
+from convlib import data, models, train  # noqa: E402
 
 # XLA:CPU compiles the default (threefry) random-bit generator slowly on this build's 2 cores; "rbg" is quick.
 jax.config.update("jax_default_prng_impl", "rbg")
@@ -85,6 +90,8 @@ ax_loss.legend()
 ax_error.plot([r["step"] for r in evals], [100 * (1 - r["test_accuracy"]) for r in evals], "o-", color="C3")
 ax_error.set(xlabel="training step (batch of 128)", ylabel="test error (%)", title=f"{TEST_IMAGES} test images")
 ax_error.set_ylim(bottom=0)
+# alt: Left, LeNet-5's training loss per step over 300 steps, falling, with its mean between evaluations;
+#   right, the test error at each of the six evaluations.
 plt.show()
 
 # %% [markdown]
@@ -116,6 +123,8 @@ for ax in axes.flat:
     ax.set_yticks([])
 axes[0, 0].set_ylabel("5 pixels")
 axes[1, 0].set_ylabel("28 pixels")
+# alt: Top row, the six 5x5 kernels of LeNet-5's first layer in red and blue; bottom row, the six feature maps they
+#   produce on one Fashion-MNIST test image, shown last.
 plt.show()
 
 # %% [markdown]

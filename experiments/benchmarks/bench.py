@@ -68,11 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with --quick, else each model's own: " + ", ".join(f"{k} {v[0]}" for k, v in training.MODELS.items()) + ")",
     )
     p.add_argument("--resnet50-batch", type=int, default=64, help="batch of resnet50 in the training suite")
+    p.add_argument(
+        "--resnet50-size",
+        type=int,
+        default=training.RESNET50[1],
+        help=f"side of resnet50's square inputs (default {training.RESNET50[1]}; smaller only for smoke runs)",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
-    for name in ("repeats", "training_repeats", "gemm_size", "batch", "resnet50_batch"):
+    for name in ("repeats", "training_repeats", "gemm_size", "batch", "resnet50_batch", "resnet50_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -191,7 +197,14 @@ def main(argv=None) -> dict:
         )
     if args.suite in ("training", "all"):
         results["training"] = training.run(
-            args.models, args.training_repeats, with_torch, args.batch, args.resnet50_batch, args.seed, progress
+            args.models,
+            args.training_repeats,
+            with_torch,
+            args.batch,
+            args.resnet50_batch,
+            args.seed,
+            progress,
+            args.resnet50_size,
         )
     results["load_average_at_end"] = os.getloadavg()
     name = args.name or machine.short_name(info)

@@ -1,7 +1,9 @@
 """PyTorch twins of the benchmarked convlib models (same layer shapes), the optional reference of the training
-suite. Imported only when PyTorch is; run eager, channels_last."""
+suite. Imported only when PyTorch is; run eager, channels_last (ResNet-50: torchvision's, under bfloat16 autocast)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch import nn
@@ -103,16 +105,28 @@ def alexnet_small(num_classes: int, in_channels: int) -> nn.Module:
     )
 
 
+def resnet50(num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision's ResNet-50 (3 input channels)."""
+    import torchvision
+
+    if in_channels != 3:
+        raise ValueError(f"torchvision's resnet50 takes 3 input channels, got in_channels={in_channels}")
+    return torchvision.models.resnet50(num_classes=num_classes)
+
+
 MODELS = {
     "lenet5_modern": lenet5_modern,
     "resnet20": resnet20,
     "vgg11_small": vgg11_small,
     "alexnet_small": alexnet_small,
 }
+if importlib.util.find_spec("torchvision") is not None:  # the ResNet-50 reference only
+    MODELS["resnet50"] = resnet50
 
 
-def train_step(name: str, batch: int, in_channels: int, size: int = 32):
-    """A zero-argument function running one SGD-momentum step of model `name` on a fixed random batch."""
+def train_step(name: str, batch: int, in_channels: int, size: int = 32, bfloat16: bool = False):
+    """A zero-argument function running one SGD-momentum step of model `name` on a fixed random batch; with
+    `bfloat16`, forward and loss under `torch.autocast(bfloat16)` (parameters and their update in float32)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = MODELS[name](10, in_channels).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -121,7 +135,9 @@ def train_step(name: str, batch: int, in_channels: int, size: int = 32):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images), labels).backward()
+        with torch.autocast(device, torch.bfloat16, enabled=bfloat16):
+            loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -46,7 +46,7 @@ def model_row(
     calls = {mode: jax_step(name, batch, in_channels, size, mode, seed, dtype) for mode in MODES}
     torch = torch_module() if with_torch and name in _torch_models() else None
     if torch is not None:
-        calls["torch"] = (_torch_models()[name](name, batch, in_channels, size), ())
+        calls["torch"] = (_torch_models()[name](name, batch, in_channels, size, dtype == jnp.bfloat16), ())
     # PyTorch's spinning OpenMP workers slow the JAX step right after its own: each timed step follows one untimed
     times = interleaved_times(calls, repeats, lead_in=1 if torch is not None else 0)
     row = {
@@ -74,10 +74,19 @@ def _torch_models() -> dict:
     return {name: torch_models.train_step for name in torch_models.MODELS}
 
 
-def run(names, repeats: int, with_torch: bool, batch: int | None, resnet50_batch: int, seed: int, progress) -> dict:
-    """Rows of the training suite for the models `names` (keys of MODELS, or "resnet50": bfloat16 on 224x224 inputs
-    with batch `resnet50_batch`); `batch` overrides every model's batch."""
-    specs = {**MODELS, RESNET50[0]: (resnet50_batch, 3, RESNET50[1])}
+def run(
+    names,
+    repeats: int,
+    with_torch: bool,
+    batch: int | None,
+    resnet50_batch: int,
+    seed: int,
+    progress,
+    resnet50_size: int = RESNET50[1],
+) -> dict:
+    """Rows of the training suite for the models `names` (keys of MODELS, or "resnet50": bfloat16 on
+    `resnet50_size`-square inputs with batch `resnet50_batch`); `batch` overrides every model's batch."""
+    specs = {**MODELS, RESNET50[0]: (resnet50_batch, 3, resnet50_size)}
     jobs = [(name, batch or specs[name][0], *specs[name][1:]) for name in names]
     rows = [
         model_row(name, n, channels, size, repeats, with_torch, seed, jnp.bfloat16 if name == RESNET50[0] else None)
