@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -215,17 +216,46 @@ batching.primitive_batchers[input_gradient_p] = _fold_into_batch(input_gradient_
 batching.primitive_batchers[weight_gradient_p] = functools.partial(_map_slices, weight_gradient_p)
 
 
+def _with_plain_primal(primitive: Primitive, plain: Callable) -> Callable:
+    """`f(a, b, **params)`: `plain(a, b, **params)` outside differentiation, what a jaxpr of the forward shows (in a
+    `custom_jvp_call`); its JVP binds the bilinear `primitive`, `P(da, b) + P(a, db)`, so every derivative of every
+    order runs the hand-derived primitives and their transposes."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+    def f(a, b, params):
+        return plain(a, b, **dict(params))
+
+    @functools.partial(f.defjvp, symbolic_zeros=True)
+    def f_jvp(params, primals, tangents):
+        (a, b), (da, db) = primals, tangents
+        y = f(a, b, params)  # itself, so that a derivative of the primal takes this rule again
+        terms = [
+            _bind(primitive, *operands, **dict(params))
+            for operands, tangent in (((da, b), da), ((a, db), db))
+            if type(tangent) is not SymbolicZero
+        ]
+        return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+
+    return lambda a, b, **params: f(a, b, tuple(sorted(params.items())))
+
+
+_conv_plain_primal = _with_plain_primal(conv_p, _conv)
+_input_gradient_plain_primal = _with_plain_primal(input_gradient_p, _input_gradient)
+
+
 def forward(geometry: Geometry, x, w, b):
-    """`X (*) W + b` by the `convlib_conv` primitive (x, w, b: promoted, x explicitly padded; see
-    :func:`convlib.ops.conv`): a :class:`~convlib.ops.formulation.ForwardFormula`."""
-    y = _bind(conv_p, x, w, geometry=geometry)
+    """`X (*) W + b` whose derivatives are the `convlib_conv` primitive's (x, w, b: promoted, x explicitly padded;
+    see :func:`convlib.ops.conv`): a :class:`~convlib.ops.formulation.ForwardFormula`."""
+    x, w = _same_varying_axes(x, w)
+    y = _conv_plain_primal(x, w, geometry=geometry)
     return y if b is None else y + b.reshape(geometry.axes.bias_shape(b.shape[0]))
 
 
 def input_gradient(geometry: Geometry, g, w, in_spatial):
-    """dE/dX by the `convlib_conv_input_gradient` primitive, :func:`convlib.ops.conv_transpose`'s composable form: an
-    :class:`~convlib.ops.formulation.InputGradientFormula`."""
-    return _bind(input_gradient_p, g, w, geometry=geometry, in_spatial=tuple(in_spatial))
+    """dE/dX whose derivatives are the `convlib_conv_input_gradient` primitive's, :func:`convlib.ops.conv_transpose`'s
+    composable form: an :class:`~convlib.ops.formulation.InputGradientFormula`."""
+    g, w = _same_varying_axes(g, w)
+    return _input_gradient_plain_primal(g, w, geometry=geometry, in_spatial=tuple(in_spatial))
 
 
 # --------------------------------------------------------------------------- linear pairs (pools)

@@ -373,7 +373,23 @@ def _average(x, *, geometry: Geometry, explicit_padding, count_include_pad: bool
     return _avg_forward(x, geometry, explicit_padding, count_include_pad)
 
 
-_composable_avg_pool, _ = composable.linear_pair("avg_pool", _average, _spread_average)
+_average_by_primitive, _ = composable.linear_pair("avg_pool", _average, _spread_average)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _composable_avg_pool(x, geometry: Geometry, explicit_padding, count_include_pad: bool):
+    return _avg_forward(x, geometry, explicit_padding, count_include_pad)
+
+
+@_composable_avg_pool.defjvp
+def _composable_avg_pool_jvp(geometry, explicit_padding, count_include_pad, primals, tangents):
+    """A jaxpr of the forward shows the plain `reduce_window`; the tangent (and so every derivative) is the linear
+    primitive, whose transpose is the hand-derived spreading."""
+    (x,), (t,) = primals, tangents
+    spatial = geometry.spatial_shape(x.shape)
+    options = dict(explicit_padding=explicit_padding, count_include_pad=count_include_pad, in_spatial=spatial)
+    y = _composable_avg_pool(x, geometry, explicit_padding, count_include_pad)
+    return y, _average_by_primitive(t, geometry=geometry, **options)
 
 
 def avg_pool(
@@ -407,9 +423,6 @@ def avg_pool(
     if backward == "autodiff":
         return _avg_forward(x, geometry, explicit, count_include_pad)
     if backward == "composable":
-        spatial = geometry.spatial_shape(x.shape)
-        return _composable_avg_pool(
-            x, geometry=geometry, explicit_padding=explicit, count_include_pad=count_include_pad, in_spatial=spatial
-        )
+        return _composable_avg_pool(x, geometry, explicit, count_include_pad)
     with composable.forward_mode_hint(backward):
         return _custom_avg_pool(x, geometry, explicit, count_include_pad, tuple(x.shape))
