@@ -14,9 +14,10 @@ three primitives close the algebra (`Y = X (*) W`, `G = dE/dY`):
 two binds of itself, and its transposes are the other two: backprop through a conv layer is a conv layer, to any
 order. The conv lowers to one plain `lax.conv_general_dilated`; dX and dW lower to the textbook formulas
 (:mod:`convlib.ops.textbook`), on a CPU to the formulations the plan measured fastest (:mod:`convlib.ops.plan`),
-shared with the `custom_vjp` path. In a jaxpr the three appear as themselves (`convlib_conv`, ...); the `custom` and
-`autodiff` forwards show `conv_general_dilated`. The conv's primal is the one every mode runs outside
-differentiation (:func:`convlib.ops.textbook.single_conv`).
+shared with the `custom_vjp` path. The public ops do not bind the conv primitive for the forward: a `custom_jvp` keeps
+the primal every mode runs (one `conv_general_dilated`, :func:`convlib.ops.textbook.single_conv`, what a jaxpr of
+the forward shows) and binds the primitives for its JVP, so every derivative, of any order, runs them; a derivative's
+jaxpr shows them as themselves (`convlib_conv`, `convlib_conv_input_gradient`, `convlib_conv_weight_gradient`).
 
 Pools are linear maps of the tangent: average pooling is linear, and max pooling's JVP takes each window's tangent
 at its first maximum (the switches). :func:`linear_pair` builds two linear primitives, each the other's transpose,
