@@ -3,8 +3,9 @@ and :func:`conv_transpose`.
 
 The forward and the backward formulas are in :mod:`convlib.ops.textbook`; `backward` picks who computes the
 gradients, through one table each for the forward and the backward: "textbook" (the lecture's formulas, always),
-"custom" (the same sums in the order :mod:`convlib.ops.plan` measured fastest on this platform), or "autodiff"
-(the textbook forward with JAX's own transpose rules, no `custom_vjp`).
+"custom" (the same sums in the order :mod:`convlib.ops.plan` measured fastest on this platform), "autodiff"
+(the textbook forward with JAX's own transpose rules, no `custom_vjp`), or "composable" (the formulas as the
+transpose rules of convlib primitives, :mod:`convlib.ops.composable`: forward mode and every other transformation).
 
 The primal is one plain conv in every mode: outside differentiation, and in every jaxpr of a forward pass, a conv is a
 single `lax.conv_general_dilated` (plus bias; :data:`PRIMAL`), so that tools reading jaxprs see a convolution. The
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from convlib.ops import plan, textbook
+from convlib.ops import composable, plan, textbook
 from convlib.ops.formulation import Formulation
 from convlib.ops.geometry import (
     Geometry,
@@ -100,7 +101,8 @@ def conv(
       padding_mode: "zeros", "reflect", "replicate" or "circular" (PyTorch semantics).
       layout: "NHWC" (default, the fast path) or "NCHW" (PyTorch's convention).
       backward: "custom" (hand-derived `custom_vjp`), "textbook" (the same, always
-        the lecture's formulation) or "autodiff" (JAX's own transpose rules).
+        the lecture's formulation), "autodiff" (JAX's own transpose rules) or "composable"
+        (the hand-derived formulas as transpose rules: forward mode too).
 
     Returns:
       y: (N, *out_spatial, C_out) or (N, C_out, *out_spatial), dtype promoted from x, w, b.
@@ -131,7 +133,10 @@ def conv(
     x, geometry = pad_input(x, geometry)
     if backward == "autodiff":
         return AUTODIFF(geometry, x, w, b)
-    return _conv(geometry, x, w, b, backward)
+    if backward == "composable":
+        return composable.forward(geometry, x, w, b)
+    with composable.forward_mode_hint(backward):
+        return _conv(geometry, x, w, b, backward)
 
 
 def convolve(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None, **kwargs) -> jax.Array:
@@ -161,6 +166,7 @@ def conv_transpose(
     dilation: Size = 1,
     groups: int = 1,
     layout: str = "NHWC",
+    backward: str = "custom",
 ) -> jax.Array:
     """Transposed convolution: the adjoint of :func:`conv` with the same `w`.
 
@@ -173,6 +179,8 @@ def conv_transpose(
       b: optional bias, (C_out,).
       padding: int, ints or (lo, hi) pairs — the padding of the forward conv (not "SAME").
       output_padding: int or per-dim ints added at the high end, each < stride or < dilation.
+      backward: "composable" makes it the conv's dE/dX primitive (its derivatives the hand-derived conv and dE/dW);
+        any other mode differentiates the textbook dE/dX with JAX's own rules.
     Returns:
       (N, *out_spatial, C_out) or (N, C_out, *out_spatial).
 
@@ -182,7 +190,7 @@ def conv_transpose(
     """
     x, w = as_float_array("x", x), as_float_array("w", w)
     b = None if b is None else as_float_array("b", b)
-    layout = check_layout(layout)
+    layout, backward = check_layout(layout), check_backward(backward)
     if x.ndim not in (3, 4, 5) or w.ndim != x.ndim:
         raise ValueError(f"x and w must have equal rank 3, 4 or 5, got shapes {x.shape} and {w.shape}")
     if isinstance(padding, str):
@@ -219,5 +227,6 @@ def conv_transpose(
     if b is not None and tuple(b.shape) != (c_out,):
         raise ValueError(f"b must have shape ({c_out},), got {tuple(b.shape)}")
     x, w, b = promote(x, w, b)
-    y = textbook.input_gradient(geometry, x, w, in_spatial)
+    gradient = composable.input_gradient if backward == "composable" else textbook.input_gradient
+    y = gradient(geometry, x, w, in_spatial)
     return y if b is None else y + b.reshape(axes.bias_shape(b.shape[0]))

@@ -21,9 +21,10 @@ from convlib.ops.checks import check_choice, check_int, is_int
 
 LAYOUTS = ("NHWC", "NCHW")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-BACKWARDS = ("custom", "textbook", "autodiff")
+BACKWARDS = ("custom", "textbook", "autodiff", "composable")
 """The values of `backward=`: "custom" (hand-derived, fastest exact formulation), "textbook" (the lecture's
-formulas as written) and "autodiff" (JAX's own rules)."""
+formulas as written), "autodiff" (JAX's own rules) and "composable" (the hand-derived formulas as transpose rules
+of convlib primitives: every JAX transformation, forward mode included)."""
 
 Pairs = tuple[tuple[int, int], ...]
 Size = int | Sequence[int]  # one int for every spatial dim, or one per dim

@@ -16,7 +16,10 @@ row-major window order (PyTorch's and XLA's rule). A window holding NaN
 outputs NaN (as in PyTorch) and its gradient goes to the first NaN.
 
 Pooling has one hand-derived backward, so `backward="custom"` and `backward="textbook"` both name it (a model
-built with either runs the same pools); "autodiff" differentiates the `lax.reduce_window` forward instead.
+built with either runs the same pools); "autodiff" differentiates the `lax.reduce_window` forward instead;
+"composable" registers the same backward as the transpose of a linear primitive (avg pool itself; max pool's JVP,
+the tangent at the first maximum of each window), so that every JAX transformation composes with it
+(:mod:`convlib.ops.composable`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from convlib.ops import composable
 from convlib.ops.checks import check_bool
 from convlib.ops.geometry import (
     Geometry,
@@ -205,6 +209,45 @@ def _from_tiles(gradients, geometry: Geometry, in_spatial):
 _custom_max_pool.defvjp(_custom_max_pool_fwd, _custom_max_pool_bwd)
 
 
+def _gather_at_first_maximum(t, x, *, geometry: Geometry):
+    """The max pool's JVP, linear in the tangent `t`: T[s i + k] at the first offset k (row-major) where X[s i + k]
+    is the window's maximum (the switches), the adjoint of :func:`_scatter_to_first_maximum`."""
+    y = _max_forward(x, geometry)
+    x_padded, t_padded = pad_spatial(x, geometry, -jnp.inf), pad_spatial(t, geometry)
+    out_spatial = geometry.spatial_shape(y.shape)
+    taken, tangent = jnp.zeros(y.shape, bool), jnp.zeros(y.shape, t.dtype)
+    for offset in window_offsets(geometry):
+        hit = _is_maximum(window_view(x_padded, offset, geometry, out_spatial), y) & ~taken
+        taken = taken | hit
+        tangent = tangent + jnp.where(hit, window_view(t_padded, offset, geometry, out_spatial), 0)
+    return tangent
+
+
+def _scatter_to_first_maximum(g, x, *, geometry: Geometry):
+    """The hand-derived max-pool backward (:func:`_first_maximum_gradient`) as a linear map of the cotangent `g`."""
+    if g.size == 0:
+        return jnp.zeros_like(x)
+    with jax.named_scope("convlib.max_pool.dX"):
+        return _first_maximum_gradient(x, _max_forward(x, geometry), g, geometry)
+
+
+_at_first_maximum, _to_first_maximum = composable.linear_pair(
+    "max_pool_switches", _gather_at_first_maximum, _scatter_to_first_maximum
+)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _composable_max_pool(x, geometry: Geometry):
+    return _max_forward(x, geometry)
+
+
+@_composable_max_pool.defjvp
+def _composable_max_pool_jvp(geometry, primals, tangents):
+    """Y's tangent is X's tangent at the switches; the primal recurses so that higher orders use this rule too."""
+    (x,), (t,) = primals, tangents
+    return _composable_max_pool(x, geometry), _at_first_maximum(t, x, geometry=geometry)
+
+
 def max_pool(
     x: ArrayLike,
     window: Size,
@@ -223,7 +266,8 @@ def max_pool(
       padding: int, per-dim ints or (lo, hi) pairs, each at most half the window, or "SAME"/"VALID".
       ceil_mode: use `ceil` instead of `floor` for the output size (PyTorch's rule); a bool.
       layout: "NHWC" or "NCHW".
-      backward: "custom" or "textbook" (both the hand-derived backward) or "autodiff".
+      backward: "custom" or "textbook" (both the hand-derived backward as a `custom_vjp`), "composable" (the same
+        as transpose rules: forward mode too) or "autodiff".
     Returns:
       (N, *out_spatial, C) or (N, C, *out_spatial).
 
@@ -236,7 +280,10 @@ def max_pool(
     geometry = pool_geometry(x, window, stride, padding, ceil_mode=ceil_mode, layout=layout)
     if backward == "autodiff":
         return _max_forward(x, geometry)
-    return _custom_max_pool(x, geometry)
+    if backward == "composable":
+        return _composable_max_pool(x, geometry)
+    with composable.forward_mode_hint(backward):
+        return _custom_max_pool(x, geometry)
 
 
 # --------------------------------------------------------------------------- average pool
@@ -278,18 +325,26 @@ def _custom_avg_pool_fwd(x, geometry, explicit_padding, count_include_pad, x_sha
 
 
 def _custom_avg_pool_bwd(geometry, explicit_padding, count_include_pad, x_shape, x_type, g):
+    dx = _spread_average(
+        g,
+        geometry=geometry,
+        explicit_padding=explicit_padding,
+        count_include_pad=count_include_pad,
+        in_spatial=geometry.spatial_shape(x_shape),
+    )
+    return (sum_to_primal_axes(dx, x_type),)
+
+
+def _spread_average(g, *, geometry: Geometry, explicit_padding, count_include_pad: bool, in_spatial):
     """Spreads each output's cotangent evenly over its window: G / D to every position."""
-    in_spatial = geometry.spatial_shape(x_shape)
     divisor = avg_pool_divisor(geometry, explicit_padding, in_spatial, count_include_pad)
     share = g / jnp.asarray(divisor.reshape(full_rank(geometry, divisor.shape, 1)), g.dtype)
     if g.size == 0:
-        return (jnp.zeros(x_shape, g.dtype),)
+        return jnp.zeros(geometry.axes.array_shape(g.shape[0], g.shape[geometry.channel_axis], in_spatial), g.dtype)
     with jax.named_scope("convlib.avg_pool.dX"):
         if geometry.stride == geometry.kernel:
-            dx = _spread_over_tiles(share, geometry, in_spatial)
-        else:
-            dx = sum(scatter_back(share, offset, geometry, in_spatial) for offset in window_offsets(geometry))
-    return (sum_to_primal_axes(dx, x_type),)
+            return _spread_over_tiles(share, geometry, in_spatial)
+        return sum(scatter_back(share, offset, geometry, in_spatial) for offset in window_offsets(geometry))
 
 
 def _spread_over_tiles(share, geometry: Geometry, in_spatial):
@@ -311,6 +366,30 @@ def _tiles_to_input(tiled, geometry: Geometry, in_spatial):
 
 
 _custom_avg_pool.defvjp(_custom_avg_pool_fwd, _custom_avg_pool_bwd)
+
+
+def _average(x, *, geometry: Geometry, explicit_padding, count_include_pad: bool, in_spatial):
+    """The avg-pool forward, a linear map of `x` (`in_spatial`: x's, for the signature its adjoint shares)."""
+    return _avg_forward(x, geometry, explicit_padding, count_include_pad)
+
+
+_average_by_primitive, _ = composable.linear_pair("avg_pool", _average, _spread_average)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _composable_avg_pool(x, geometry: Geometry, explicit_padding, count_include_pad: bool):
+    return _avg_forward(x, geometry, explicit_padding, count_include_pad)
+
+
+@_composable_avg_pool.defjvp
+def _composable_avg_pool_jvp(geometry, explicit_padding, count_include_pad, primals, tangents):
+    """A jaxpr of the forward shows the plain `reduce_window`; the tangent (and so every derivative) is the linear
+    primitive, whose transpose is the hand-derived spreading."""
+    (x,), (t,) = primals, tangents
+    spatial = geometry.spatial_shape(x.shape)
+    options = dict(explicit_padding=explicit_padding, count_include_pad=count_include_pad, in_spatial=spatial)
+    y = _composable_avg_pool(x, geometry, explicit_padding, count_include_pad)
+    return y, _average_by_primitive(t, geometry=geometry, **options)
 
 
 def avg_pool(
@@ -343,4 +422,7 @@ def avg_pool(
     geometry = pool_geometry(x, window, stride, padding, ceil_mode=ceil_mode, layout=layout)
     if backward == "autodiff":
         return _avg_forward(x, geometry, explicit, count_include_pad)
-    return _custom_avg_pool(x, geometry, explicit, count_include_pad, tuple(x.shape))
+    if backward == "composable":
+        return _composable_avg_pool(x, geometry, explicit, count_include_pad)
+    with composable.forward_mode_hint(backward):
+        return _custom_avg_pool(x, geometry, explicit, count_include_pad, tuple(x.shape))

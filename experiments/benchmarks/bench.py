@@ -1,5 +1,6 @@
 """Benchmarks of convlib's convolutions, pools and training steps: backward="custom" against JAX's autodiff
-(and the textbook formulation), with PyTorch eager (channels_last) as a reference row when it is importable.
+(and the textbook formulation, and the composable primitives), with PyTorch eager (channels_last) as a reference row
+when it is importable.
 
     python experiments/benchmarks/bench.py all --out experiments/benchmarks/results   # layers + training
     python experiments/benchmarks/bench.py layers --quick --out /tmp/bench           # seconds: a smoke run

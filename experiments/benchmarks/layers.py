@@ -1,7 +1,8 @@
 """Layer suite: every convolution and pooling case timed with each backward mode, side by side in one process.
 
 Conv: the forward, dX alone, dW alone and the whole forward + backward (y, dX, dW, db) for backward="autodiff",
-"textbook" and "custom"; pools: forward, dX and forward + backward for "autodiff" and "custom". With PyTorch
+"textbook", "custom" and "composable"; pools: forward, dX and forward + backward for "autodiff", "custom" and
+"composable" (custom/composable: the custom_vjp's time over the primitives'). With PyTorch
 importable, the same layer in PyTorch eager (channels_last) is timed as a reference right after, in rounds of its
 own (its idle OpenMP workers would slow the JAX call after each of its own).
 """
@@ -22,8 +23,8 @@ from convlib.ops.plan import plan
 from experiments.benchmarks.machine import gemm_call, gflops, torch_device, torch_module
 from experiments.timing import compiled_program, interleaved_times, jit
 
-CONV_MODES = ("autodiff", "textbook", "custom")
-POOL_MODES = ("autodiff", "custom")
+CONV_MODES = ("autodiff", "textbook", "custom", "composable")
+POOL_MODES = ("autodiff", "custom", "composable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +257,8 @@ def conv_row(case: ConvCase, layout: str, modes, repeats: int, gemm, with_torch:
         for part in ("dX", "dW"):
             row[f"{mode}/autodiff {part}"] = times[f"{mode} {part}"]["ms"] / times[f"autodiff {part}"]["ms"]
         row.update(_fwd_bwd_ratios(times, mode))
+    if "composable" in modes:
+        row.update(_custom_over_composable(times))
     # where the plan reorders nothing, custom compiles to autodiff's very program: its ratio is the noise
     # (both are compiled already: these calls hit JAX's cache)
     (custom, custom_args), (autodiff, autodiff_args) = calls["custom fwd+bwd"], calls["autodiff fwd+bwd"]
@@ -283,7 +286,7 @@ def pool_row(case: PoolCase, repeats: int, with_torch: bool, key) -> dict:
     for name, t in times.items():
         row[f"{name} ms"], row[f"{name} best ms"], row[f"{name} cpu_ms"] = t["ms"], t["best_ms"], t["cpu_ms"]
     row["custom/autodiff dX"] = times["custom dX"]["ms"] / times["autodiff dX"]["ms"]
-    return {**row, **_fwd_bwd_ratios(times, "custom")}
+    return {**row, **_fwd_bwd_ratios(times, "custom"), **_custom_over_composable(times)}
 
 
 # The estimates of a mode's forward + backward time over autodiff's: key suffix -> the time of `interleaved_times`.
@@ -303,6 +306,11 @@ def _fwd_bwd_ratios(times: dict, mode: str) -> dict:
         f"{mode}/autodiff fwd+bwd{suffix}": times[f"{mode} fwd+bwd"][t] / times["autodiff fwd+bwd"][t]
         for suffix, t in ESTIMATES.items()
     }
+
+
+def _custom_over_composable(times: dict) -> dict:
+    """`custom/composable fwd+bwd`: the custom_vjp's forward + backward time over the composable primitives'."""
+    return {"custom/composable fwd+bwd": times["custom fwd+bwd"]["ms"] / times["composable fwd+bwd"]["ms"]}
 
 
 def _torch_pool_calls(case: PoolCase, x, g, torch) -> dict:
@@ -408,6 +416,8 @@ CONV_COLUMNS = (
     "custom/autodiff fwd+bwd",
     "custom/autodiff fwd+bwd best",
     "custom/autodiff fwd+bwd cpu",
+    "composable fwd+bwd ms",
+    "custom/composable fwd+bwd",
     "custom program = autodiff's",
     "torch fwd+bwd ms",
     "custom plan",
@@ -422,5 +432,7 @@ POOL_COLUMNS = (
     "custom fwd+bwd ms",
     "custom/autodiff fwd+bwd",
     "custom/autodiff fwd+bwd best",
+    "composable fwd+bwd ms",
+    "custom/composable fwd+bwd",
     "torch fwd+bwd ms",
 )

@@ -12,7 +12,7 @@ from convlib import models, train
 from experiments.benchmarks.machine import torch_module
 from experiments.timing import interleaved_times, jit
 
-MODES = ("autodiff", "custom")
+MODES = ("autodiff", "custom", "composable")
 # name -> (batch, input channels, input side)
 MODELS = {
     "lenet5_modern": (256, 1, 32),
@@ -59,7 +59,7 @@ def model_row(
         row[f"{mode} ms"], row[f"{mode} best ms"], row[f"{mode} cpu_ms"] = t["ms"], t["best_ms"], t["cpu_ms"]
         row[f"{mode} images/s"] = batch / t["ms"] * 1e3
     # custom's speed over the others', from the median steps and from the fastest ones
-    for other in [m for m in ("autodiff", "torch") if m in times]:
+    for other in [m for m in ("autodiff", "composable", "torch") if m in times]:
         row[f"custom/{other} images/s"] = times[other]["ms"] / times["custom"]["ms"]
         row[f"custom/{other} images/s best"] = times[other]["best_ms"] / times["custom"]["best_ms"]
     return row
@@ -103,6 +103,8 @@ COLUMNS = (
     "autodiff images/s",
     "custom images/s",
     "custom/autodiff images/s",
+    "composable images/s",
+    "custom/composable images/s",
     "torch images/s",
     "custom/torch images/s",
     "custom/torch images/s best",
