@@ -110,15 +110,28 @@ def deepen(shallow, deep, x: jax.Array) -> None:
     shallow.eval()
     for part in ("stem", "fc"):
         nnx.update(getattr(deep, part), copied(getattr(shallow, part)))
-    h = shallow.stem(x)
-    for shallow_stage, deep_stage in zip(shallow.stages, deep.stages):
+    for shallow_stage, deep_stage, (mean, var) in zip(shallow.stages, deep.stages, stage_statistics(shallow, x)):
         for source, target in zip(shallow_stage.layers, deep_stage.layers):
             nnx.update(target, copied(source))
-        h = shallow_stage(h)
-        mean, var = jnp.mean(h, axis=(0, 1, 2)), jnp.var(h, axis=(0, 1, 2))
         for block in deep_stage.layers[len(shallow_stage.layers) :]:
             identity_block(block, mean, var)
     shallow.train()
+
+
+@nnx.jit
+def stage_statistics(model, x: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Per stage of a CIFAR net, the mean and variance (C,) of each channel of its output over images x
+    (N, H, W, C_in), in the model's current mode."""
+    h, found = model.stem(x), []
+    for stage in model.stages:
+        h = stage(h)
+        found.append((jnp.mean(h, axis=(0, 1, 2)), jnp.var(h, axis=(0, 1, 2))))
+    return found
+
+
+@nnx.jit
+def _forward(model, x):
+    return model(x)
 
 
 def copied(module) -> nnx.State:
@@ -130,9 +143,11 @@ def logits(model, images: jax.Array, dataset: str, batch: int = 500) -> np.ndarr
     """The model's logits (N, classes) in evaluation mode for uint8 images (N, H, W, C); the model is left in
     training mode."""
     model.eval()
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(fashion_training.preprocess(x, dataset)))
-    out = np.concatenate([np.asarray(forward(state, images[i : i + batch])) for i in range(0, len(images), batch)])
+    parts = [
+        _forward(model, fashion_training.preprocess(images[i : i + batch], dataset))
+        for i in range(0, len(images), batch)
+    ]
+    out = np.concatenate([np.asarray(p) for p in parts])
     model.train()
     return out
 
@@ -230,8 +245,9 @@ def train_run(model, dataset, args, recipe) -> dict:
 
 def eval_errors(model, dataset) -> tuple[dict, np.ndarray]:
     """Evaluation-mode errors on the (unaugmented) training and test images, and the test logits."""
-    train_logits = logits(model, dataset.train.images, dataset.name)
-    test_logits = logits(model, dataset.test.images, dataset.name)
+    n = dataset.train.labels.shape[0]
+    both = logits(model, jnp.concatenate([dataset.train.images, dataset.test.images]), dataset.name)
+    train_logits, test_logits = both[:n], both[n:]
     errors = {
         "train_error": error(train_logits, dataset.train.labels),
         "test_error": error(test_logits, dataset.test.labels),
