@@ -29,14 +29,15 @@ def relu(x: jax.Array) -> jax.Array:
     return jax.nn.relu(x)
 
 
-def lenet_path(model) -> list:
-    """The forward path of a `lenet5_modern` with ReLUs and max-pools, as layers: [conv1, relu, pool1, conv2,
-    relu, pool2]; its stages (see experiments/feature_maps.py) end after each pool (indices 3 and 6)."""
+def lenet_stage_paths(model) -> list[list]:
+    """The forward path up to the end of each stage (see experiments/feature_maps.py) of a `lenet5_modern` with
+    ReLUs and max-pools: [[conv1, relu, pool1], [conv1, relu, pool1, conv2, relu, pool2]]."""
     if not isinstance(model, models.LeNet5Modern) or model.activation != "relu":
         raise ValueError(f"model must be a lenet5_modern with ReLUs, got {type(model).__name__}")
     if not isinstance(model.pool1, nn.MaxPool):
         raise ValueError("model must be a lenet5_modern with max-pooling (pool='max')")
-    return [model.conv1, relu, model.pool1, model.conv2, relu, model.pool2]
+    path = [model.conv1, relu, model.pool1, model.conv2, relu, model.pool2]
+    return [path[:3], path]
 
 
 def _reverse(layer, x: jax.Array, signal: jax.Array, rule: str) -> jax.Array:
