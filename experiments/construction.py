@@ -28,24 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convlib import models
+from convlib import models, train
 from experiments import degradation, fashion_training, outputs
 
 DEPTHS = (20, 32, 44, 56, 110)  # the plain nets of convlib.models' registry
 REFERENCE = os.path.join(os.path.dirname(__file__), "results", "degradation_fig6_short", "results.json")
-# what a reference degradation run must share with this run for its deep net's curve to be the from-scratch one
-SHARED_CONFIG = (
-    "size",
-    "dataset",
-    "widths",
-    "steps",
-    "batch_size",
-    "train_size",
-    "test_size",
-    "recipe",
-    "lr",
-    "synthetic",
-)
+# what a reference degradation run must share with this run (besides the recipe's values) for its deep net's curve
+# to be the from-scratch one
+SHARED_CONFIG = ("size", "dataset", "widths", "steps", "batch_size", "train_size", "test_size", "synthetic")
 
 
 def identity_block(block, mean: jax.Array, var: jax.Array) -> None:
@@ -67,7 +57,7 @@ def identity_block(block, mean: jax.Array, var: jax.Array) -> None:
     the block's input over the training data, so that further training starts close to the identity too (and the
     running averages start where they will stay).
 
-    >>> from convlib import models
+    >>> from convlib import models, train
     >>> net = models.create("plain20", widths=(2, 2, 2), in_channels=1, rngs=nnx.Rngs(0))
     >>> block = net.stages[0].layers[1]
     >>> identity_block(block, jnp.array([0.5, 1.0]), jnp.array([0.25, 2.0]))
@@ -95,7 +85,7 @@ def deepen(shallow, deep, x: jax.Array) -> None:
     and the first blocks of every stage are copied from `shallow`, the blocks after them are identity blocks
     (`identity_block`) with the statistics of their input over the images `x` (N, H, W, C), preprocessed.
 
-    >>> from convlib import models
+    >>> from convlib import models, train
     >>> make = lambda name: models.create(name, widths=(2, 2, 2), in_channels=1, rngs=nnx.Rngs(0))
     >>> shallow, deep, x = make("plain20"), make("plain32"), jnp.ones((2, 8, 8, 1))
     >>> deepen(shallow, deep, x)
@@ -207,15 +197,17 @@ def parse_args(argv=None, parser: outputs.Parser | None = None):
     return args
 
 
-def reference_run(args, name: str) -> dict | None:
+def reference_run(args, recipe: train.Recipe, name: str) -> dict | None:
     """The row of model `name` and seed `args.seed` in the --reference degradation run, if that run shares this
-    run's data, widths and recipe (`SHARED_CONFIG`), else None."""
+    run's data, widths and run length (`SHARED_CONFIG`) and `recipe`'s values, else None."""
     if args.reference == "none":
         return None
     with open(args.reference) as f:
         reference = json.load(f)
     config = reference["config"]
     if any(config.get(key) != getattr(args, key) for key in SHARED_CONFIG):
+        return None
+    if reference.get("recipe") != json.loads(json.dumps(dataclasses.asdict(recipe))):
         return None
     return next((r for r in reference["models"] if r["model"] == name and r["seed"] == args.seed), None)
 
@@ -307,7 +299,7 @@ def main(argv=None) -> dict:
         "max_abs_test_logit_difference": float(np.max(np.abs(shallow_logits - constructed_logits))),
         "max_abs_test_logit": float(np.max(np.abs(shallow_logits))),
     }
-    scratch = reference_run(args, deep_name)
+    scratch = reference_run(args, recipe, deep_name)
     if scratch is None:
         scratch = {"source": "trained here", **train_run(create(deep_name), dataset, args, recipe)}
     else:

@@ -1,6 +1,7 @@
 """experiments/construction.py: a deeper plain net built from a shallower one computes exactly what the shallower
 net computes in evaluation mode; the script runs end to end and reuses a matching reference run."""
 
+import dataclasses
 import json
 
 import jax
@@ -72,7 +73,8 @@ def test_script_reuses_a_matching_reference_run(tmp_path):
     curve = [{"step": 2, "train_loss": 2.3, "train_error": 0.9, "test_loss": 2.3, "test_error": 0.9}]
     row = {"model": "plain32", "seed": 0, "final_train_error": 0.9, "final_test_error": 0.9, "curve": curve}
     reference = tmp_path / "reference.json"
-    reference.write_text(json.dumps({"config": vars(args), "models": [row]}))
+    recipe = dataclasses.asdict(construction.degradation.RECIPES["short"].for_run(2, flip=False))
+    reference.write_text(json.dumps({"config": vars(args), "recipe": recipe, "models": [row]}))
     out = tmp_path / "out"
     r = construction.main(["--quick", "--no-progress", "--out", str(out), "--reference", str(reference), *flags])
     assert json.loads((out / "results.json").read_text())["claims"] == r["claims"]
