@@ -10,7 +10,9 @@ training subset, recipe "short": SGD with momentum, piecewise learning rate, cro
      evaluation mode (they agree to float rounding);
   3. takes the deep net trained from scratch from the committed degradation run (--reference) when that run used
      this run's data, widths, recipe and seed, and otherwise trains it here;
-  4. trains the constructed deep net further with the same recipe (warm-up, peak learning rate and decays again).
+  4. trains the constructed deep net further with the same optimiser (--further): "final-lr", the default, goes on
+     at the learning rate the shallow net's schedule ended with (constant); "recipe" runs the whole schedule again
+     (warm-up, peak learning rate, decays), which first pushes the net away from the constructed solution.
 
 Writes into --out: results.json (errors, curves, the three claims, machine and commit), curves.csv and
 construction.png (the three training curves side by side).
@@ -36,6 +38,18 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "results", "degradation_fig6
 # what a reference degradation run must share with this run (besides the recipe's values) for its deep net's curve
 # to be the from-scratch one
 SHARED_CONFIG = ("size", "dataset", "widths", "steps", "batch_size", "train_size", "test_size", "synthetic")
+
+
+FURTHER = ("final-lr", "recipe")
+
+
+def further_recipe(recipe: train.Recipe, how: str) -> train.Recipe:
+    """The recipe of the constructed net's further training: `recipe` itself ("recipe"), or its optimiser at the
+    learning rate its piecewise schedule ends with, constant ("final-lr")."""
+    if how == "recipe":
+        return recipe
+    final = recipe.learning_rate * recipe.decay_factor ** len(recipe.boundaries)
+    return dataclasses.replace(recipe, learning_rate=final, schedule="constant", warmup_steps=0)
 
 
 def identity_block(block, mean: jax.Array, var: jax.Array) -> None:
@@ -160,6 +174,7 @@ def make_parser() -> outputs.Parser:
     add("--evaluations", type=int, default=None, help="test evaluations along each run (default: 1 smoke, else 10)")
     add("--train-size", type=int, default=None, help="training images (default: 64 smoke, else 2500)")
     add("--test-size", type=int, default=None, help="test images (default: 64 smoke, else 1000)")
+    add("--further", choices=FURTHER, default="final-lr", help="the constructed net's further training (see above)")
     add(
         "--reference",
         default=REFERENCE,
@@ -304,14 +319,14 @@ def main(argv=None) -> dict:
         scratch = {"source": "trained here", **train_run(create(deep_name), dataset, args, recipe)}
     else:
         scratch = {"source": f"reused: {os.path.relpath(args.reference)}, seed {args.seed} (not retrained)", **scratch}
-    further = train_run(constructed, dataset, args, recipe)
+    further = train_run(constructed, dataset, args, further_recipe(recipe, args.further))
     further_errors, _ = eval_errors(constructed, dataset)
     further["evaluation_mode"] = further_errors
     shallow_run["evaluation_mode"] = shallow_errors
     runs = {
         f"{shallow_name} from scratch": shallow_run,
         f"{deep_name} from scratch ({scratch['source'].split(':')[0]})": scratch,
-        f"{deep_name} constructed from {shallow_name}, trained further": further,
+        f"{deep_name} constructed from {shallow_name}, trained further ({args.further})": further,
     }
     run.write_csv("curves.csv", [{"run": label, **p} for label, result in runs.items() for p in result["curve"]])
     plot(
@@ -340,6 +355,7 @@ def main(argv=None) -> dict:
             "train_images": int(dataset.train.labels.shape[0]),
             "test_images": int(dataset.test.labels.shape[0]),
             "recipe": dataclasses.asdict(recipe),
+            "further_recipe": dataclasses.asdict(further_recipe(recipe, args.further)),
             "construction": construction,
             "claims": claims,
             "runs": runs,
