@@ -7,7 +7,10 @@ The network (lenet5_modern by default, or resnet20) is trained briefly in the sc
 zero-padded to 32x32, or loaded with --from-run from the output folder of experiments/train.py (its
 results.json and newest checkpoint).
 
-Writes into --out: results.json, filters.png, feature_maps.png, top_patches.png.
+Per channel, the top activations are also projected back to the input by Zeiler & Fergus's deconvnet
+(experiments/deconvnet.py: convlib's reverse layers) and shown beside their patches as in their Fig. 2.
+
+Writes into --out: results.json, filters.png, feature_maps.png, top_patches.png, deconvnet.png (lenet5_modern).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from convlib import models, train
-from experiments import fashion_training, feature_maps, outputs
+from experiments import deconvnet, fashion_training, feature_maps, outputs
 
 MODEL_OPTIONS = {"lenet5_modern": {"channels": (16, 32), "input_size": 32}, "resnet20": {}}
 
@@ -99,7 +102,6 @@ def top_patches(maps: np.ndarray, images: np.ndarray, field, channels: int, top:
     its input patch (field.size x field.size, zero outside the image) and location."""
     n, h, w, _ = maps.shape
     size = field.size[0]
-    padded = np.pad(images[..., 0], ((0, 0), (size, size), (size, size)))
     found = []
     for c in range(min(channels, maps.shape[-1])):
         flat = maps[..., c].reshape(-1)
@@ -110,17 +112,35 @@ def top_patches(maps: np.ndarray, images: np.ndarray, field, channels: int, top:
             # top-left input pixel of the field: centre - (size - 1) / 2 (centres may be half-integers)
             top_row = int(np.floor(field.start[0] + i * field.jump[0] - (size - 1) / 2))
             left = int(np.floor(field.start[1] + j * field.jump[1] - (size - 1) / 2))
-            patch = padded[image, top_row + size : top_row + 2 * size, left + size : left + 2 * size]
             entries.append(
                 {
                     "image": int(image),
                     "unit": [int(i), int(j)],
                     "activation": float(flat[index]),
                     "patch_top_left": [top_row, left],
-                    "patch": patch,
+                    "patch": crop(images[image, ..., 0], (top_row, left), size),
                 }
             )
         found.append(entries)
+    return found
+
+
+def crop(image: np.ndarray, top_left, size: int) -> np.ndarray:
+    """The size x size window of a (H, W) image at top_left (row, column), zero outside the image."""
+    padded = np.pad(image, size)
+    return padded[top_left[0] + size : top_left[0] + 2 * size, top_left[1] + size : top_left[1] + 2 * size]
+
+
+def projections(path, images, stage: dict, rule: str = "deconvnet") -> list[list[np.ndarray]]:
+    """Per channel of `stage` (a `top_patches` stage with its name, field size and patches), the deconvnet
+    projection (experiments/deconvnet.py) of each top activation, cropped to its patch; images: preprocessed
+    (N, H, W, 1)."""
+    found = []
+    for c, entries in enumerate(stage["patches"]):
+        chosen = np.array([e["image"] for e in entries])
+        units = np.array([[*e["unit"], c] for e in entries])
+        projected = np.asarray(deconvnet.project(path, images[chosen], units, rule))
+        found.append([crop(p[..., 0], e["patch_top_left"], stage["size"]) for p, e in zip(projected, entries)])
     return found
 
 
@@ -187,6 +207,63 @@ def plot_top_patches(run, stages, title):
     run.save_figure(fig, "top_patches.png", dpi=80)
 
 
+def plot_projections(run, stages, title):
+    """Zeiler & Fergus's Fig. 2: per stage and channel, the projections of the top activations, then their
+    patches."""
+    plt = outputs.pyplot()
+    channels = max(len(s["patches"]) for s in stages)
+    top = max(len(p) for s in stages for p in s["patches"])
+    columns = 2 * top + 1  # projections, a gap, patches
+    fig, axes = plt.subplots(
+        channels, len(stages) * columns, figsize=(0.6 * len(stages) * columns, 0.7 * channels + 0.9), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for s, stage in enumerate(stages):
+        for c, (shown, entries) in enumerate(zip(stage["projections"], stage["patches"])):
+            for t, (projection, entry) in enumerate(zip(shown, entries)):
+                limit = np.abs(projection).max() or 1.0
+                axes[c, s * columns + t].imshow(projection, cmap="gray", vmin=-limit, vmax=limit)
+                axes[c, s * columns + top + 1 + t].imshow(entry["patch"], cmap="gray")
+            if s == 0:
+                axes[c, 0].text(
+                    -0.2, 0.5, f"ch {c}", transform=axes[c, 0].transAxes, ha="right", va="center", fontsize=6
+                )
+        axes[0, s * columns].set_title(f"{stage['name']}: projections", fontsize=7, loc="left")
+        axes[0, s * columns + top + 1].set_title("top patches", fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    run.save_figure(fig, "deconvnet.png", dpi=80)
+
+
+def project_top_activations(run, model, images, stages: list[dict], shown: list[int]) -> dict:
+    """Adds each stage's deconvnet projections of its top activations (their "projections") and plots them beside
+    the top patches; returns how far they are from backprop's projections (a one-line reason where the model has
+    no deconvnet here)."""
+    try:
+        paths = deconvnet.lenet_stage_paths(model)
+    except ValueError as error:
+        return {"skipped": str(error)}
+    differences = {}
+    for s, stage in zip(shown[-2:], stages):
+        stage["projections"] = projections(paths[s], images, stage)
+        differences[stage["name"]] = relative_difference(
+            stage["projections"], projections(paths[s], images, stage, "backprop")
+        )
+    plot_projections(
+        run,
+        stages,
+        "deconvnet projections of the top activations per channel (each alone, through unpooling with the forward "
+        "switches, rectification and the transposed conv), beside their input patches",
+    )
+    return {"rule": "deconvnet", "mean relative difference from the gradient times the activation": differences}
+
+
+def relative_difference(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> float:
+    """The mean over projections of |a - b| / |b| (Frobenius norms)."""
+    pairs = [(x, y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
+    return float(np.mean([np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12) for x, y in pairs]))
+
+
 @outputs.script
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -239,7 +316,9 @@ def main(argv=None) -> dict:
     plot_top_patches(
         run, stages, f"top-{args.top} input patches per channel over {images.shape[0]} test images ({source})"
     )
+    projected = project_top_activations(run, model, fashion_training.preprocess(dataset.test.images), stages, shown)
     for stage in stages:
+        stage.pop("projections", None)
         for entries in stage["patches"]:
             for entry in entries:
                 del entry["patch"]
@@ -252,6 +331,7 @@ def main(argv=None) -> dict:
                 {"stage": n, "size": f.size[0], "jump": f.jump[0], "start": f.start[0]} for n, f in zip(names, fields)
             ],
             "top_patches": stages,
+            "deconvnet": projected,
         }
     )
 
