@@ -46,23 +46,17 @@ model = models.create("lenet5_modern", num_classes=10, in_channels=1, input_size
 print(f"lenet5_modern: {models.param_count(model):,} parameters")
 mean, std = data.MEAN_STD["fashion_mnist"]
 recipe = train.Recipe(optimizer="adamw", learning_rate=3e-3, warmup_steps=30, weight_decay=5e-4)
-tx, schedule = recipe.optimizer_for(STEPS)
 train_x, train_y = jax.device_put(train_images), jax.device_put(train_labels)
 test_x, test_y = jax.device_put(test_images), jax.device_put(test_labels)
-data_key, train_key = jax.random.split(jax.random.key(0))
 
 result = train.fit(
     model,
-    tx,
-    lambda epoch: data.batches(jax.random.fold_in(data_key, epoch), train_x, train_y, BATCH),
-    steps_per_epoch=len(train_labels) // BATCH,
-    epochs=1,
-    max_steps=STEPS,
-    key=train_key,
-    learning_rate=schedule,
+    recipe,
+    (train_x, train_y),
+    (test_x, test_y),
+    key=jax.random.key(0),  # the data order of each epoch
+    loop=train.LoopConfig(batch_size=BATCH, steps=STEPS, eval_batch_size=1000, eval_every=STEPS // EVALUATIONS),
     preprocess=lambda images: data.normalize(images, mean, std),
-    eval_batches=lambda: data.batches(data_key, test_x, test_y, 1000, shuffle=False, drop_remainder=False),
-    eval_every=STEPS // EVALUATIONS,
 )
 steps = [r for r in result.records if r["kind"] == "step"]
 evals = [r for r in result.records if r["kind"] == "eval"]
