@@ -22,19 +22,13 @@ import contextlib
 import functools
 import json
 import os
-import signal
-import sys
-import threading
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from convlib import data, models, ops, train
-from convlib.train import distributed
-from convlib.train.atomic_files import as_disk_full
-from convlib.train.locks import exclusive
-from experiments import fashion_training, outputs
+from experiments import distributed_flags, fashion_training, outputs, recipe_flags, runs
 
 # Per-model defaults of --model-option. The main job widens lenet5_modern's feature maps from LeNet-5's (6, 16) to
 # (16, 32): with (6, 16) this recipe ends at 0.900-0.910 test accuracy on Fashion-MNIST, with (16, 32) at 0.92.
@@ -42,26 +36,21 @@ MODEL_DEFAULTS = {"lenet5_modern": {"channels": [16, 32]}}
 # Set by the script itself, so not --model-option keys.
 SCRIPT_OPTIONS = ("num_classes", "in_channels", "backward", "dtype", "param_dtype", "rngs")
 MAX_SEED = 2**32 - 1
-# The flag of each Recipe field, to name it when the Recipe refuses a value.
-RECIPE_FLAGS = {
-    "optimizer": "--optimizer",
-    "learning_rate": "--lr",
-    "momentum": "--momentum",
-    "weight_decay": "--weight-decay",
-    "schedule": "--schedule",
-    "boundaries": "--lr-boundaries",
-    "decay_factor": "--lr-decay",
-    "crop_padding": "--crop-padding",
-    "warmup_steps": "--warmup-epochs",
-}
-# While a run trains, its log is metrics.jsonl.incomplete; it becomes metrics.jsonl with the results, so no reader
-# (or --resume) takes a failed or interrupted run's log for a finished one's.
-METRICS, INCOMPLETE = "metrics.jsonl", ".incomplete"
 # The flags (dest names) a resume must repeat, besides the data source and the run's length (see run_config).
 RUN_FLAGS = (
     "model model_options input_size batch_size loss rbf_j dtype seed optimizer lr momentum weight_decay schedule "
     "warmup_epochs lr_boundaries lr_decay crop_padding flip"
 ).split()
+# The flag of each key of run_config that is not --key.
+CONFIG_FLAGS = {"steps": "--steps/--epochs", "model_options": "--model-option"}
+MODEL_OPTION_HELP = (
+    'keyword for convlib.models.create, value parsed as JSON (e.g. channels=[6,16], head="rbf"); repeatable; '
+    f"overrides the per-model defaults {MODEL_DEFAULTS}"
+)
+SOURCE_DIR_HELP = (
+    "fashion_mnist, mnist: folder of the four IDX files (default: the Debian package's, else a download); cifar10: "
+    "cifar-10-python.tar.gz or its folder (default: DATA_DIR/downloads/manual)"
+)
 
 
 def make_parser() -> outputs.Parser:
@@ -85,77 +74,27 @@ def make_parser() -> outputs.Parser:
     add("--eval-batch-size", type=int, default=250, help="test-set batch size")
     add("--epochs", type=int, default=12, help="training epochs")
     add("--steps", type=int, default=None, help="stop after this many steps instead (the schedule spans them)")
-    add("--optimizer", choices=train.OPTIMIZERS, default="adamw", help="see convlib.train.Recipe")
-    add("--lr", type=float, default=3e-3, help="peak learning rate")
-    add("--momentum", type=float, default=0.9, help="momentum of sgd/nesterov")
-    add("--schedule", choices=train.SCHEDULES, default="cosine", help="learning-rate schedule (see Recipe)")
-    add("--warmup-epochs", type=float, default=1.0, help="linear warm-up of the cosine schedule, in epochs")
-    add("--lr-boundaries", default=None, help="piecewise: comma-separated steps (default: 1/2 and 3/4 of the run)")
-    add("--lr-decay", type=float, default=0.1, help="piecewise: factor applied at each boundary")
-    add("--weight-decay", type=float, default=5e-4, help="weight decay of kernels (not biases, BatchNorm)")
+    recipe_flags.add_flags(p)
     add("--loss", choices=train.LOSSES, default="cross_entropy", help='rbf: LeCun\'s eq. 9, for head="rbf"')
     add("--rbf-j", type=float, default=1.0, help="the constant j of the RBF loss")
     add("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (parameters stay float32)")
     add("--parallel", choices=train.PARALLEL_MODES, default="none", help="data parallelism over all devices")
     add("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and dropout")
     add("--out", default=None, help="output folder (default: runs/<model>_<dataset>)")
-    add("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (also at the end, at a stop)")
-    add("--checkpoint-dir", default=None, help="Orbax checkpoints (default: --out/checkpoints; shared by processes)")
-    add("--resume", nargs="?", const="auto", default=None, choices=train.RESUME[1:], help=RESUME_HELP)
-    add("--on-corrupt-checkpoint", default="fall-back", choices=("fall-back", "stop"), help=ON_CORRUPT_HELP)
+    runs.add_checkpoint_flags(p)
     add("--no-progress", action="store_true", help="no progress bar")
-    add("--coordinator", default=None, metavar="HOST:PORT|auto", help=COORDINATOR_HELP)
-    add("--num-processes", type=int, default=None, help="number of processes, with --coordinator HOST:PORT")
-    add("--process-id", type=int, default=None, help="this process's index in [0, --num-processes)")
-    add("--distributed-timeout", type=int, default=300, help="seconds to wait at start-up for every process")
-    add("--heartbeat-timeout", type=int, default=100, help="seconds of silence after which a process counts as dead")
+    distributed_flags.add_flags(p)
     return p
-
-
-MODEL_OPTION_HELP = (
-    'keyword for convlib.models.create, value parsed as JSON (e.g. channels=[6,16], head="rbf"); repeatable; '
-    f"overrides the per-model defaults {MODEL_DEFAULTS}"
-)
-SOURCE_DIR_HELP = (
-    "fashion_mnist, mnist: folder of the four IDX files (default: the Debian package's, else a download); cifar10: "
-    "cifar-10-python.tar.gz or its folder (default: DATA_DIR/downloads/manual)"
-)
-RESUME_HELP = (
-    "continue from the newest intact checkpoint; bare --resume (auto) starts afresh with a warning when there is "
-    "none, --resume=require stops. A checkpoint of other flags (model, data, recipe, batch size, seed; --steps and "
-    "--epochs where the schedule spans the run) is refused"
-)
-ON_CORRUPT_HELP = (
-    "on --resume, when the newest checkpoint fails its checksums or holds non-finite parameters: set it aside "
-    "(<step>.corrupt) and continue from the newest intact one, or stop"
-)
-COORDINATOR_HELP = (
-    "train across processes: process 0's address; 'auto': from the cluster's environment (SLURM, Open MPI, TPU); "
-    "needs --parallel sharding or shard_map"
-)
 
 
 def parse_args(argv=None, parser: outputs.Parser | None = None) -> argparse.Namespace:
     """The flags, each checked on its own and against the others (one-line error and exit 2 otherwise); the
-    recipe's values are checked by `convlib.train.Recipe` (see `make_recipe`)."""
+    recipe's values are checked by `convlib.train.Recipe` (see `recipe_flags.recipe`)."""
     p = parser or make_parser()
     args = p.parse_args(argv)
-    counts = (
-        "batch_size",
-        "eval_batch_size",
-        "epochs",
-        "steps",
-        "input_size",
-        "synthetic",
-        "num_processes",
-        "distributed_timeout",
-        "heartbeat_timeout",
-        "checkpoint_every",
-        "rbf_j",
-    )
-    outputs.positive(p, args, *counts)
-    if not 0 <= args.warmup_epochs < float("inf"):
-        p.error(f"--warmup-epochs must be a finite number >= 0, got {args.warmup_epochs!r}")
+    counts = ("batch_size", "eval_batch_size", "epochs", "steps", "input_size", "synthetic")
+    outputs.positive(p, args, *counts, *distributed_flags.COUNTS, "checkpoint_every", "rbf_j")
+    recipe_flags.check(p, args)
     try:
         data.check_crop_padding(args.crop_padding, args.input_size, args.input_size)
     except ValueError as error:
@@ -164,27 +103,12 @@ def parse_args(argv=None, parser: outputs.Parser | None = None) -> argparse.Name
         p.error(f"--synthetic must be at least 5 (N training and N / 5 test images), got {args.synthetic}")
     if not 0 <= args.seed <= MAX_SEED:
         p.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
-    args.lr_boundaries = lr_boundaries(p, args.lr_boundaries)
     args.model_options = checked_model_options(p, args)
-    check_distributed_flags(p, args)
+    distributed_flags.check(p, args)
     if args.out is None:
         args.out = os.path.join("runs", f"{args.model}_{'synthetic' if args.synthetic else args.dataset}")
-    outputs.check_out(p, args.out, resume=args.resume is not None)
-    args.checkpoint_dir = os.path.join(args.out, "checkpoints") if args.checkpoint_dir is None else args.checkpoint_dir
-    outputs.check_folder(p, "--checkpoint-dir", args.checkpoint_dir)
-    if args.data_dir is not None and (not args.data_dir or os.path.isfile(args.data_dir)):
-        p.error(f"--data-dir must name a folder, got {'the file ' * bool(args.data_dir)}{args.data_dir!r}")
+    runs.check_folders(p, args)
     return args
-
-
-def lr_boundaries(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
-    """--lr-boundaries as ints (the Recipe checks that they increase)."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(b) for b in text.split(","))
-    except ValueError:
-        p.error(f"--lr-boundaries must be comma-separated steps (ints), got {text!r}")
 
 
 def checked_model_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
@@ -207,51 +131,6 @@ def checked_model_options(p: argparse.ArgumentParser, args: argparse.Namespace) 
             'exactly with --model lenet5 --model-option head="rbf"'
         )
     return options
-
-
-def check_distributed_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """parser.error naming the flag unless --coordinator, --num-processes and --process-id fit together."""
-    if args.coordinator is None:
-        for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
-            if value is not None and not (flag == "--num-processes" and value == 1):
-                p.error(f"{flag} {value} needs --coordinator HOST:PORT (process 0's address) or --coordinator auto")
-        return
-    if args.parallel not in ("sharding", "shard_map"):
-        p.error(f"--coordinator needs --parallel sharding or shard_map, got --parallel {args.parallel}")
-    if args.coordinator == distributed.AUTO:
-        return
-    try:
-        distributed.parse_address(args.coordinator)
-    except ValueError:
-        p.error(f"--coordinator must be HOST:PORT or auto, got {args.coordinator!r}")
-    for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
-        if value is None:
-            p.error(f"--coordinator {args.coordinator} needs {flag}")
-    if not 0 <= args.process_id < args.num_processes:
-        p.error(
-            f"--process-id {args.process_id} is out of range for --num-processes {args.num_processes} "
-            f"(0 to {args.num_processes - 1})"
-        )
-
-
-def join_processes(args: argparse.Namespace) -> None:
-    """Joins the multi-process run of --coordinator (before any other JAX call); exits naming the coordinator when
-    it cannot be reached."""
-    who = "" if args.process_id is None else f"process {args.process_id} of {args.num_processes}: "
-    where = f"coordinated by {args.coordinator}"
-    if args.coordinator == distributed.AUTO:
-        where = "described by the cluster's environment"
-    print(f"{who}joining the multi-process run {where} (timeout {args.distributed_timeout} s)", file=sys.stderr)
-    try:
-        distributed.initialize(
-            args.coordinator,
-            args.num_processes,
-            args.process_id,
-            timeout_s=args.distributed_timeout,
-            heartbeat_timeout_s=args.heartbeat_timeout,
-        )
-    except (ValueError, distributed.CoordinatorUnreachableError) as error:
-        raise SystemExit(f"{who}{error}") from error
 
 
 def set_up(p: argparse.ArgumentParser, args: argparse.Namespace):
@@ -291,39 +170,10 @@ def set_up(p: argparse.ArgumentParser, args: argparse.Namespace):
             f"--model {args.model} takes {side}x{side} images but --input-size is {args.input_size} (change "
             "--input-size, or --model-option input_size=... where the model has that option)"
         )
-    return loop, dataset, make_recipe(p, args, loop, examples), model
-
-
-def make_recipe(p: argparse.ArgumentParser, args: argparse.Namespace, loop, examples: int) -> train.Recipe:
-    """The recipe of the flags for a run of `loop` over `examples` training images; a value the Recipe refuses is
-    named by its flag."""
-    warmup = round(args.warmup_epochs * loop.steps_per_epoch(examples)) if args.schedule == "cosine" else 0
-    total = loop.total_steps(examples)
-    try:
-        recipe = train.Recipe(
-            optimizer=args.optimizer,
-            learning_rate=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            schedule=args.schedule,
-            warmup_steps=warmup,
-            boundaries=args.lr_boundaries,
-            decay_factor=args.lr_decay,
-            crop_padding=args.crop_padding,
-            flip=args.flip,
-        )
-        recipe.learning_rate_schedule(total)
-    except ValueError as error:
-        field = str(error).split()[0].split("=")[0]
-        if field == "warmup_steps":
-            p.error(
-                f"--warmup-epochs {args.warmup_epochs} is {warmup} steps, not fewer than the run's {total}: "
-                "lower it (e.g. --warmup-epochs 0)"
-            )
-        p.error(f"{RECIPE_FLAGS.get(field, field)}: {error}")
-    if args.schedule == "piecewise" and args.lr_boundaries and args.lr_boundaries[-1] >= total:
-        p.error(f"--lr-boundaries {args.lr_boundaries} must lie inside the run's {total} steps")
-    return recipe
+    recipe = recipe_flags.recipe(
+        p, args, steps_per_epoch=loop.steps_per_epoch(examples), total_steps=loop.total_steps(examples)
+    )
+    return loop, dataset, recipe, model
 
 
 def run_config(args: argparse.Namespace, recipe: train.Recipe, total: int) -> dict:
@@ -335,11 +185,6 @@ def run_config(args: argparse.Namespace, recipe: train.Recipe, total: int) -> di
     return {**{name: getattr(args, name) for name in RUN_FLAGS}, **source, "steps": steps}
 
 
-def flag(key: str) -> str:
-    """The flag of a key of `run_config`."""
-    return {"steps": "--steps/--epochs", "model_options": "--model-option"}.get(key, f"--{key.replace('_', '-')}")
-
-
 @outputs.script
 def main(argv=None) -> dict:
     """Trains and returns the results (on processes other than 0: ``{}``; process 0 writes them).
@@ -349,26 +194,21 @@ def main(argv=None) -> dict:
     """
     p = make_parser()
     args = parse_args(argv, p)
-    if args.coordinator is not None:
-        join_processes(args)
-    with p.setting_up(), stops_outside_steps():
+    distributed_flags.join(args)
+    with p.setting_up(), runs.stops_outside_steps(p.prog):
         loop, dataset, recipe, model = set_up(p, args)
     primary = jax.process_index() == 0
-    try:
-        with exclusive(args.out, "--out") if primary else contextlib.nullcontext():
-            outputs.check_out(p, args.out, resume=args.resume is not None)  # again, now that no other run writes
-            run = outputs.Run(args, argv) if primary else None
-            with stops_outside_steps():  # inside the steps, fit stops after the step under way
-                result = fit(p, args, model, recipe, loop, dataset)
-            return report(run, args, result) if primary else {}
-    except train.FolderInUseError as error:
-        p.error(str(error))
+    with runs.writing(p, args, primary=primary):
+        run = outputs.Run(args, argv) if primary else None
+        with runs.stops_outside_steps(p.prog):  # inside the steps, fit stops after the step under way
+            result = fit(p, args, model, recipe, loop, dataset)
+        return report(p, run, args, result) if primary else {}
 
 
 def fit(p, args: argparse.Namespace, model, recipe: train.Recipe, loop, dataset) -> train.FitResult:
     """`convlib.train.fit` as the flags say; a refused resume or a busy folder is one line naming the flag."""
-    metrics = os.path.join(args.out, METRICS)
-    try:
+    config = run_config(args, recipe, loop.total_steps(len(dataset.train.labels)))
+    with runs.refusals(p, args, CONFIG_FLAGS):
         return train.fit(
             model,
             recipe,
@@ -379,101 +219,17 @@ def fit(p, args: argparse.Namespace, model, recipe: train.Recipe, loop, dataset)
             loss=train.make_loss(args.loss, rbf_j=args.rbf_j),
             preprocess=functools.partial(fashion_training.preprocess, dataset=dataset.name, dtype=args.dtype),
             parallel=args.parallel,
-            checkpoints=train.CheckpointConfig(
-                directory=args.checkpoint_dir,
-                every=args.checkpoint_every,
-                resume=args.resume or "never",
-                run_config=run_config(args, recipe, loop.total_steps(len(dataset.train.labels))),
-                on_corrupt=args.on_corrupt_checkpoint.replace("-", "_"),
-            ),
-            # process 0 writes it; every process reads it back on resume
-            log=train.LogConfig(
-                metrics_path=metrics + INCOMPLETE,
-                finished_path=metrics,
-                progress=jax.process_index() == 0 and not args.no_progress,
-            ),
+            **runs.fit_config(args, config, progress=jax.process_index() == 0 and not args.no_progress),
         )
-    except train.FolderInUseError as error:
-        p.error(f"--checkpoint-dir: {error}")
-    except train.CheckpointExistsError as error:
-        p.error(
-            f"--checkpoint-dir {args.checkpoint_dir!r} holds a checkpoint (step {error.step}) of an earlier "
-            "run: add --resume to continue it, or choose another --out / --checkpoint-dir"
-        )
-    except train.NoCheckpointError:
-        p.error(f"--resume=require: no checkpoint in {args.checkpoint_dir!r}")
-    except train.CheckpointMismatchError as error:
-        hint = "" if error.key is None else f" (flag {flag(error.key)}: rerun with the flags of that run)"
-        p.error(f"{error}{hint}")
-    except OSError as error:
-        stopped(error)
 
 
-@contextlib.contextmanager
-def stops_outside_steps():
-    """Ctrl-C or SIGTERM outside the training steps (loading data, compiling) ends the script in one line, exit
-    130 or 143: nothing was saved there that a resume would miss."""
-
-    def stop(signum, frame=None):
-        name = signal.Signals(signum).name
-        print(
-            f"train.py: stopped by {name} outside a training step; nothing saved since the last checkpoint",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + signum)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
-    try:
-        yield
-    except KeyboardInterrupt as interrupt:
-        if isinstance(interrupt, train.TrainingInterrupted):
-            raise
-        stop(signal.SIGINT)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def stopped(error: OSError):
-    """One line and exit 1 for a full disk (naming the file system); other errors keep their tracebacks."""
-    full = as_disk_full(error)
-    if full is None:
-        raise error
-    print(f"train.py: stopped: {full}", file=sys.stderr)
-    raise SystemExit(1) from None
-
-
-def report(run: outputs.Run, args: argparse.Namespace, result: train.FitResult) -> dict:
-    """Publishes the finished run: the log under its final name, the curves (when matplotlib is there) and
-    results.json; prints the test accuracy."""
-    final = [r for r in result.records if r["kind"] == "epoch"][-1]
-    try:
-        try:
-            train.plot_history(result.records, run.path("curves.png"))
-        except ModuleNotFoundError as error:
-            if error.name != "matplotlib":
-                raise
-            print("curves.png skipped: matplotlib is not installed (pip install 'convlib[plot]')", file=sys.stderr)
-        results = run.finish(
-            {
-                "test_accuracy": final["test_accuracy"],
-                "test_loss": final["test_loss"],
-                "train_loss_last_epoch": final["train_loss"],
-                "steps": result.steps,
-                "epochs": result.epochs,
-                "fit_wall_s": result.wall_s,
-                "train_images_per_s": outputs.finite_or_none(result.images_per_s),
-                "model_options": args.model_options,
-                "data_source": None if args.synthetic else data.provenance(args.dataset, args.data_dir),
-            }
-        )
-    except OSError as error:
-        stopped(error)
-    os.replace(run.path(METRICS + INCOMPLETE), run.path(METRICS))
+def report(p, run: outputs.Run, args: argparse.Namespace, result: train.FitResult) -> dict:
+    """Publishes the finished run (see `runs.publish`) and prints its test accuracy."""
+    source = None if args.synthetic else data.provenance(args.dataset, args.data_dir)
+    results = runs.publish(p.prog, run, result, model_options=args.model_options, data_source=source)
     rate = f"{result.images_per_s:.0f} train images/s" if results["train_images_per_s"] else "no steps left to train"
     wall = f"wall {results['wall_s']:.0f} s"
-    print(f"test accuracy: {final['test_accuracy']:.4f}  ({wall}, {rate}; results in {args.out})")
+    print(f"test accuracy: {results['test_accuracy']:.4f}  ({wall}, {rate}; results in {args.out})")
     return results
 
 
