@@ -22,7 +22,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,10 @@ from convlib.train.state import TrainState, is_prng_key
 
 MANIFEST = "convlib.sha256.json"
 Resume = Literal["never", "auto", "require"]
-RESUME = ("never", "auto", "require")
-"""``resume`` of a run: refuse a folder holding a checkpoint, continue from it if there is one, or must continue."""
+"""What a run does with a checkpoint it finds: "never" starts afresh (and refuses a folder holding one), "auto"
+resumes from the newest intact one if there is one, "require" resumes or refuses to start."""
+RESUME = get_args(Resume)
+"""The values of :data:`Resume`, for choices and checks."""
 ON_CORRUPT = ("fall_back", "stop")
 
 
