@@ -42,6 +42,11 @@ RESUME = get_args(Resume)
 ON_CORRUPT = ("fall_back", "stop")
 
 
+def legacy_resume(resume):
+    """The :data:`Resume` of the older bool form (True: "auto", False: "never"); anything else passes unchanged."""
+    return {True: "auto", False: "never"}[resume] if isinstance(resume, bool) else resume
+
+
 class CheckpointError(ValueError):
     """A checkpoint that a resume cannot continue from."""
 
@@ -339,7 +344,7 @@ class Checkpointer(Checkpoints):
 
     def restore(self, state, resume=None, *args):
         if isinstance(resume, bool | str):  # the old (state, resume) form
-            return self.resume(state, {True: "auto", False: "never"}.get(resume, resume))
+            return self.resume(state, legacy_resume(resume))
         return super().restore(state, resume, *args)
 
     def save(self, state, meta=None) -> None:

@@ -35,6 +35,7 @@ from convlib.train.checkpoints import (
     Checkpoints,
     NonFiniteParametersError,
     Resume,
+    legacy_resume,
 )
 from convlib.train.locks import exclusive
 from convlib.train.losses import CROSS_ENTROPY, Loss
@@ -472,9 +473,7 @@ def _fit_keywords(
         total = min(check_int("max_steps", max_steps, minimum=1), total)
     if eval_every is not None:
         check_int("eval_every", eval_every, minimum=1)
-    resume = check_choice(
-        "resume", {True: "auto", False: "never"}[resume] if isinstance(resume, bool) else resume, RESUME
-    )
+    resume = check_choice("resume", legacy_resume(resume), RESUME)
     check_int("checkpoint_every", checkpoint_every, minimum=0)
     checkpoints = None
     if checkpoint_dir is not None:
