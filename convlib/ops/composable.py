@@ -70,15 +70,10 @@ def _conv(x, w, *, geometry: Geometry):
     return textbook.forward(geometry, x, w, None, conv=textbook.single_conv)
 
 
-def _input_shape(g, w, geometry: Geometry, in_spatial) -> tuple[int, ...]:
-    axes = geometry.axes
-    return axes.array_shape(g.shape[axes.batch], w.shape[axes.kernel_in] * geometry.groups, in_spatial)
-
-
 def _input_gradient(g, w, *, geometry: Geometry, in_spatial, formulation=plan.DX_TEXTBOOK):
     """dE/dX of a conv of input spatial shape `in_spatial` (zeros when nothing flows back)."""
     if g.size == 0:
-        return jnp.zeros(_input_shape(g, w, geometry, in_spatial), jnp.result_type(g, w))
+        return jnp.zeros(geometry.input_shape(g.shape, w.shape, in_spatial), jnp.result_type(g, w))
     return formulation(geometry, g, w, in_spatial)
 
 
@@ -99,7 +94,7 @@ def _cpu_formulas(geometry: Geometry, x_shape, w_shape, g_shape) -> plan.Formula
 
 
 def _cpu_input_gradient(g, w, *, geometry: Geometry, in_spatial):
-    formulas = _cpu_formulas(geometry, _input_shape(g, w, geometry, in_spatial), w.shape, g.shape)
+    formulas = _cpu_formulas(geometry, geometry.input_shape(g.shape, w.shape, in_spatial), w.shape, g.shape)
     return _input_gradient(g, w, geometry=geometry, in_spatial=in_spatial, formulation=formulas.input_gradient)
 
 

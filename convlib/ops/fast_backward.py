@@ -94,19 +94,13 @@ def input_gradient_by_phases(geometry: Geometry, g, w, in_spatial):
     """
     dims = zip(in_spatial, geometry.kernel, geometry.stride, geometry.dilation, geometry.padding)
     per_dim = [[_phase(t, h, k, s, d, lo) for t in range(s)] for h, k, s, d, (lo, _) in dims]
-    dx = jnp.zeros(_input_shape(g, w, geometry, in_spatial), g.dtype)
+    dx = jnp.zeros(geometry.input_shape(g.shape, w.shape, in_spatial), g.dtype)
     # phase t's dX_t[q] goes to s q + t: window offset t of the stride-s geometry without dilation or padding
     unpadded = dataclasses.replace(geometry, dilation=(1,) * geometry.ndim, padding=((0, 0),) * geometry.ndim)
     for t, phases in zip(itertools.product(*map(range, geometry.stride)), itertools.product(*per_dim)):
         if all(p.taps and p.size for p in phases):
             dx = dx + scatter_back(_phase_gradient(g, w, geometry, phases), t, unpadded, in_spatial)
     return dx
-
-
-def _input_shape(g, w, geometry: Geometry, in_spatial) -> tuple[int, ...]:
-    """(N, *in_spatial, C_in) or (N, C_in, *in_spatial)."""
-    axes = geometry.axes
-    return axes.array_shape(g.shape[axes.batch], geometry.groups * w.shape[axes.kernel_in], in_spatial)
 
 
 def _phase_gradient(g, w, geometry: Geometry, phases):

@@ -207,6 +207,12 @@ class Geometry:
             for h, (lo, hi), k, s in zip(in_spatial, self.padding, self.effective_kernel, self.stride)
         )
 
+    def input_shape(self, g_shape: Sequence[int], w_shape: Sequence[int], in_spatial: Sequence[int]) -> tuple[int, ...]:
+        """The input's shape, (N, *in_spatial, C_in) or (N, C_in, *in_spatial), from the output gradient's shape (its
+        batch) and the kernel's (C_in / groups): what dE/dX has."""
+        axes = self.axes
+        return axes.array_shape(g_shape[axes.batch], self.groups * w_shape[axes.kernel_in], in_spatial)
+
 
 # --------------------------------------------------------------------------- parsing
 
